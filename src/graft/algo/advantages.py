@@ -1,0 +1,42 @@
+"""Group-relative advantages: each completion is scored against the other completions of its prompt."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+
+ScaleRewards = Literal["group", "batch", "none"]
+
+
+def group_advantages(
+    rewards: torch.Tensor,  # (B,) with B = num_groups * group_size, a group's completions adjacent
+    group_size: int,
+    scale_rewards: ScaleRewards = "group",
+    eps: float = 1e-4,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Return (advantages (B,), zero_variance (num_groups,) bool).
+
+    advantage = reward - mean(group), then divided by the group's std ("group", as in the GRPO paper),
+    by the std of the whole batch ("batch", less noisy for small groups), or not at all ("none",
+    Dr. GRPO: the std division over-weights groups that are nearly all right or all wrong).
+    std is the unbiased sample std (torch default), as TRL uses, so numbers match across tools.
+    A group whose rewards are all equal carries no learning signal: its advantages are exactly 0.
+    """
+    if rewards.ndim != 1 or rewards.numel() % group_size:
+        raise ValueError(
+            f"rewards must be 1-D with a multiple of {group_size} entries, got {tuple(rewards.shape)}"
+        )
+    grouped = rewards.view(-1, group_size)  # (num_groups, G)
+    mean = grouped.mean(dim=1, keepdim=True)
+    centered = grouped - mean  # (num_groups, G)
+    group_std = grouped.std(dim=1, keepdim=True)
+    zero_variance = (grouped == grouped[:, :1]).all(dim=1)  # exact: std can round to a tiny non-zero
+    if scale_rewards == "group":
+        centered = centered / (group_std + eps)
+    elif scale_rewards == "batch":
+        centered = centered / (rewards.std() + eps)
+    elif scale_rewards != "none":
+        raise ValueError(f"scale_rewards must be 'group', 'batch' or 'none', got {scale_rewards!r}")
+    centered = centered.masked_fill(zero_variance.unsqueeze(1), 0.0)
+    return centered.reshape(-1), zero_variance

@@ -1,0 +1,98 @@
+"""`graft train | config`: the command line."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+
+from graft.config import ConfigError, describe, load_config
+
+
+def _quiet_libraries() -> None:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    import warnings
+
+    import transformers
+
+    warnings.filterwarnings(
+        "ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning
+    )
+
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+
+
+def cmd_train(args: argparse.Namespace, console: Console) -> int:
+    cfg = load_config(args.config, args.overrides)
+    _quiet_libraries()
+    from graft.train.grpo import train
+
+    train(cfg, console=console)
+    return 0
+
+
+def cmd_config(args: argparse.Namespace, console: Console) -> int:
+    if args.keys:
+        table = Table(title="graft config keys")
+        for col in ("key", "default", "help"):
+            table.add_column(col)
+        for key, default, help_text in describe():
+            table.add_row(key, default, help_text)
+        console.print(table)
+        return 0
+    console.print(load_config(args.config, args.overrides).to_yaml(), end="", markup=False, highlight=False)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="graft", description="GRPO fine-tuning for reasoning LLMs")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    train = sub.add_parser("train", help="run GRPO training from a YAML recipe plus key=value overrides")
+    train.add_argument(
+        "config", nargs="?", help="YAML recipe, e.g. configs/arithmetic.yaml (default: built-ins)"
+    )
+    train.add_argument("overrides", nargs="*", help="dotted overrides, e.g. grpo.beta=0.04 train.max_steps=3")
+    train.set_defaults(func=cmd_train)
+
+    config = sub.add_parser("config", help="print the resolved config, or every key with its help (--keys)")
+    config.add_argument("config", nargs="?", help="YAML recipe")
+    config.add_argument("overrides", nargs="*", help="dotted overrides")
+    config.add_argument("--keys", action="store_true", help="list every config key, its default and help")
+    config.set_defaults(func=cmd_config)
+    return parser
+
+
+def _split_config_arg(args: argparse.Namespace) -> None:
+    # `graft train grpo.beta=0.1` (no recipe): the first positional is an override, not a file
+    if args.config is not None and "=" in args.config and not os.path.exists(args.config):
+        args.overrides = [args.config, *args.overrides]
+        args.config = None
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    _split_config_arg(args)
+    console = Console()
+    err = Console(stderr=True)
+    from graft.models import ModelError
+    from graft.train.run import RunDirError
+
+    try:
+        return args.func(args, console)
+    except (ConfigError, ModelError, RunDirError) as exc:
+        err.print(f"[bold red]error:[/bold red] {escape(str(exc))}", highlight=False)
+        return 2
+    except KeyboardInterrupt:
+        err.print("[yellow]interrupted[/yellow]")
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

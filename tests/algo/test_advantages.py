@@ -1,0 +1,51 @@
+import pytest
+import torch
+
+from graft.algo import group_advantages
+
+
+def test_one_right_in_a_group_of_four():
+    # mean 0.25; centred [.75, -.25, -.25, -.25]; unbiased std sqrt(0.75 / 3) = 0.5
+    adv, zero = group_advantages(torch.tensor([1.0, 0.0, 0.0, 0.0]), group_size=4, eps=0.0)
+    assert torch.allclose(adv, torch.tensor([1.5, -0.5, -0.5, -0.5]))
+    assert zero.tolist() == [False]
+
+
+def test_eps_keeps_division_finite_and_slightly_shrinks():
+    adv, _ = group_advantages(torch.tensor([1.0, 0.0, 0.0, 0.0]), group_size=4, eps=1e-4)
+    assert torch.allclose(adv, torch.tensor([0.75, -0.25, -0.25, -0.25]) / 0.5001)
+
+
+def test_equal_rewards_give_zero_advantage_and_are_flagged():
+    adv, zero = group_advantages(torch.tensor([1.0, 1.0, 0.3, 0.3, 0.0, 1.0]), group_size=2)
+    assert adv[:4].tolist() == [0.0, 0.0, 0.0, 0.0]
+    assert zero.tolist() == [True, True, False]
+    # group [0, 1]: centred [-.5, .5], std sqrt(.5) -> -/+ 0.7071
+    assert torch.allclose(adv[4:], torch.tensor([-0.70711, 0.70711]), atol=1e-4)
+
+
+def test_batch_scaling_uses_the_std_of_all_rewards():
+    # groups [1, 0] and [0, 0]; batch std of [1, 0, 0, 0] = 0.5
+    adv, zero = group_advantages(torch.tensor([1.0, 0.0, 0.0, 0.0]), 2, "batch", eps=0.0)
+    assert torch.allclose(adv, torch.tensor([1.0, -1.0, 0.0, 0.0]))
+    assert zero.tolist() == [False, True]
+
+
+def test_no_scaling_is_plain_centering():
+    adv, _ = group_advantages(torch.tensor([3.0, 1.0, 2.0, 2.0, 0.5, 0.0]), 3, "none")
+    # group means 2 and 0.8333
+    assert torch.allclose(adv, torch.tensor([1.0, -1.0, 0.0, 1.16667, -0.33333, -0.83333]), atol=1e-5)
+
+
+def test_advantages_sum_to_zero_per_group():
+    rewards = torch.rand(24, generator=torch.Generator().manual_seed(0))
+    for scale in ("group", "batch", "none"):
+        adv, _ = group_advantages(rewards, 6, scale)
+        assert torch.allclose(adv.view(4, 6).sum(1), torch.zeros(4), atol=1e-5)
+
+
+def test_bad_shapes_are_refused():
+    with pytest.raises(ValueError, match="multiple of 4"):
+        group_advantages(torch.zeros(6), 4)
+    with pytest.raises(ValueError, match="scale_rewards"):
+        group_advantages(torch.tensor([0.0, 1.0]), 2, "mean")  # type: ignore[arg-type]
