@@ -79,8 +79,9 @@ def _split_config_arg(args: argparse.Namespace) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _split_config_arg(args)
-    console = Console()
-    err = Console(stderr=True)
+    # soft_wrap: long paths and messages stay on one line (copyable), the terminal wraps them if it must
+    console = Console(soft_wrap=True)
+    err = Console(stderr=True, soft_wrap=True)
     from graft.models import ModelError
     from graft.train.run import RunDirError
 

@@ -147,6 +147,9 @@ def load_model(cfg: ModelConfig, device: torch.device | None = None):
     from transformers import AutoModelForCausalLM
 
     path = resolve_model_path(cfg)
+    if path.startswith(("/", "./", "../", "~")) and not Path(path).expanduser().is_dir():
+        raise ModelError(f"model folder '{path}' does not exist; check model.name")
+    path = str(Path(path).expanduser()) if path.startswith("~") else path
     device = device or resolve_device(cfg.device)
     dtype = resolve_dtype(cfg.dtype, device)
     try:
@@ -154,7 +157,7 @@ def load_model(cfg: ModelConfig, device: torch.device | None = None):
         model = AutoModelForCausalLM.from_pretrained(
             path, revision=cfg.revision, dtype=dtype, trust_remote_code=cfg.trust_remote_code
         )
-    except OSError as exc:
+    except (OSError, ValueError) as exc:  # ValueError: a malformed hub id
         hint = (
             "it is neither a local folder nor reachable on the hub (offline?). Use a local folder, a cached "
             "hub id, or model.name=builtin:smollm2-135m-instruct"

@@ -45,6 +45,7 @@ class MetricsWriter:
 # Metrics shown on the progress line, with their short labels.
 _SHOWN = (
     ("reward/mean", "reward"),
+    ("accuracy", "acc"),
     ("kl", "kl"),
     ("completion_length/mean", "len"),
     ("tokens_per_s", "tok/s"),
@@ -65,7 +66,7 @@ class ProgressDisplay:
     """A live bar with ETA on a terminal; one plain line per step otherwise (CI logs, pipes)."""
 
     def __init__(self, total_steps: int, mode: str = "auto", console: Console | None = None):
-        self.console = console or Console(stderr=False)
+        self.console = console or Console(soft_wrap=True)
         self.total = total_steps
         self.use_bar = mode == "bar" or (mode == "auto" and sys.stdout.isatty())
         self._start = time.perf_counter()
@@ -101,7 +102,9 @@ class ProgressDisplay:
         else:
             elapsed = time.perf_counter() - self._start
             eta = elapsed / step * (self.total - step)
-            self.console.print(f"step {step}/{self.total}  {line}  [{elapsed:.0f}s elapsed, eta {eta:.0f}s]", soft_wrap=True)
+            self.console.print(
+                f"step {step}/{self.total}  {line}  [{elapsed:.0f}s elapsed, eta {eta:.0f}s]", soft_wrap=True
+            )
             self.console.file.flush()  # pipes and CI logs are block-buffered: show each step as it ends
 
     def print(self, *args: Any, **kwargs: Any) -> None:

@@ -62,7 +62,7 @@ def test_train_fills_the_run_directory(tiny_model_dir, tmp_path):
     steps = [m for m in metrics if "loss" in m]
     assert [m["step"] for m in steps] == [1, 2, 3]
     for m in steps:
-        for key in ("reward/mean", "reward/digit_share/mean", "grad_norm", "completion_length/mean",
+        for key in ("reward/mean", "reward/digit_share/mean", "accuracy", "reward/last_integer/mean", "grad_norm", "completion_length/mean",
                     "truncated_fraction", "zero_variance_group_fraction", "tokens_per_s", "time/step"):  # fmt: skip
             assert key in m, key
         assert m["kl"] is None  # beta = 0: no reference pass at all

@@ -3,6 +3,8 @@ from __future__ import annotations
 import re
 from collections.abc import Callable
 
+from graft.config import ConfigError
+
 RewardFn = Callable[..., list[float | None]]
 
 # A number not glued to a preceding letter or digit; thousands separators ("1,234") and decimals allowed.
@@ -35,5 +37,5 @@ BUILTIN_REWARDS: dict[str, RewardFn] = {"last_integer": last_integer}
 def resolve_rewards(names: list[str]) -> list[tuple[str, RewardFn]]:
     unknown = [n for n in names if n not in BUILTIN_REWARDS]
     if unknown:
-        raise ValueError(f"unknown reward(s) {unknown}; built-in rewards: {sorted(BUILTIN_REWARDS)}")
+        raise ConfigError(f"unknown reward(s) {unknown}; built-in rewards: {sorted(BUILTIN_REWARDS)}")
     return [(n, BUILTIN_REWARDS[n]) for n in names]

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from graft.config import TaskConfig
+from graft.config import ConfigError, TaskConfig
 from graft.tasks.base import Problem, Task
 
 
@@ -11,7 +11,7 @@ def build_task(cfg: TaskConfig) -> Task:
         from graft.tasks.arithmetic import ArithmeticTask
 
         return ArithmeticTask(cfg)
-    raise ValueError(f"unknown task '{cfg.name}'")
+    raise ConfigError(f"unknown task '{cfg.name}'")
 
 
 __all__ = ["Problem", "Task", "build_task"]

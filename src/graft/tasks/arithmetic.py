@@ -6,7 +6,7 @@ from __future__ import annotations
 import operator
 import random
 
-from graft.config import TaskConfig
+from graft.config import ConfigError, TaskConfig
 from graft.tasks.base import Problem, Task
 
 _OPS = {"+": operator.add, "-": operator.sub, "*": operator.mul}
@@ -21,7 +21,7 @@ class ArithmeticTask(Task):
         lo, hi, ops = cfg.min_operand, cfg.max_operand, list(cfg.operations)
         space = (hi - lo + 1) ** 2 * len(ops)
         if space <= cfg.num_eval:
-            raise ValueError(
+            raise ConfigError(
                 f"operands {lo}..{hi} with {ops} give only {space} distinct problems, not enough for "
                 f"task.num_eval={cfg.num_eval} held-out ones plus training; widen the operand range"
             )

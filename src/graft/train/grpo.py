@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from rich.markup import escape
 
 from graft import algo
 from graft.config import Config
@@ -42,8 +43,36 @@ class ScoredBatch:
 # --------------------------------------------------------------------------------------------- rollout
 
 
-def next_problems(order: PromptOrder, n: int) -> list[Problem]:
-    return [order.task.train[i] for i in order.take(n)]
+class PromptOrder:
+    """Training problems in a seeded shuffled order, reshuffled every epoch; its state goes in checkpoints."""
+
+    def __init__(self, task: Task, seed: int):
+        self.task = task
+        self.seed = seed
+        self.epoch = 0
+        self.position = 0
+        self._order = self._shuffled()
+
+    def _shuffled(self) -> list[int]:
+        order = list(range(len(self.task.train)))
+        random.Random(self.seed * 1_000_003 + self.epoch).shuffle(order)
+        return order
+
+    def take(self, n: int) -> list[int]:
+        out = []
+        while len(out) < n:
+            if self.position == len(self._order):
+                self.epoch, self.position = self.epoch + 1, 0
+                self._order = self._shuffled()
+            out.append(self._order[self.position])
+            self.position += 1
+        return out
+
+    def next_problems(self, n: int) -> list[Problem]:
+        return [self.task.train[i] for i in self.take(n)]
+
+    def state(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "position": self.position}
 
 
 def rollout(
@@ -214,35 +243,6 @@ def update_policy(policy, optimizer, scheduler, batch: ScoredBatch, cfg: Config,
 # --------------------------------------------------------------------------------------------- loop
 
 
-class PromptOrder:
-    """Training problems in a seeded shuffled order, reshuffled every epoch; its state goes in checkpoints."""
-
-    def __init__(self, task: Task, seed: int):
-        self.task = task
-        self.seed = seed
-        self.epoch = 0
-        self.position = 0
-        self._order = self._shuffled()
-
-    def _shuffled(self) -> list[int]:
-        order = list(range(len(self.task.train)))
-        random.Random(self.seed * 1_000_003 + self.epoch).shuffle(order)
-        return order
-
-    def take(self, n: int) -> list[int]:
-        out = []
-        while len(out) < n:
-            if self.position == len(self._order):
-                self.epoch, self.position = self.epoch + 1, 0
-                self._order = self._shuffled()
-            out.append(self._order[self.position])
-            self.position += 1
-        return out
-
-    def state(self) -> dict[str, int]:
-        return {"epoch": self.epoch, "position": self.position}
-
-
 def step_metrics(batch: ScoredBatch, per_fn: dict[str, torch.Tensor], zero_variance: torch.Tensor) -> dict:
     r = batch.rollout
     lengths = r.completion_lengths.float()
@@ -266,17 +266,18 @@ def step_metrics(batch: ScoredBatch, per_fn: dict[str, torch.Tensor], zero_varia
 
 def train(cfg: Config, console=None) -> Path:
     """Run GRPO as configured; returns the run directory."""
-    run = RunDir.create(cfg)
+    run = RunDir.for_config(cfg)
     display = ProgressDisplay(cfg.train.max_steps, cfg.logging.progress, console)
     if cfg.logging.print_config:
-        display.print(f"[bold]graft[/bold] run directory: {run.path}\n[dim]{cfg.to_yaml()}[/dim]")
+        display.print(f"[bold]graft[/bold] run directory: {run.path}\n[dim]{escape(cfg.to_yaml())}[/dim]")
     set_seed(cfg.train.seed, cfg.train.threads)
 
     # Everything that can be wrong with the data or rewards fails here, before the model loads.
     task = build_task(cfg.task)
     reward_fns = resolve_rewards(cfg.rewards.functions)
     weights = cfg.rewards.weights or [1.0] * len(reward_fns)
-    correctness = BUILTIN_REWARDS[task.default_rewards[0]]
+    correctness_name = task.default_rewards[0]
+    correctness = BUILTIN_REWARDS[correctness_name]
 
     policy, tokenizer = load_model(cfg.model)
     device = next(policy.parameters()).device
@@ -286,6 +287,7 @@ def train(cfg: Config, console=None) -> Path:
         ref_model = copy.deepcopy(policy).requires_grad_(False)
     if cfg.lora.enabled:
         policy = add_lora(policy, cfg.lora, cfg.train.seed)
+    run.create(cfg)
     params = [p for p in policy.parameters() if p.requires_grad]
     optimizer, scheduler = build_optimizer(params, cfg)
     generator = torch.Generator(device=device).manual_seed(cfg.train.seed)
@@ -320,12 +322,18 @@ def train(cfg: Config, console=None) -> Path:
 
         for step in range(1, cfg.train.max_steps + 1):
             t0 = time.perf_counter()
-            problems = next_problems(order, cfg.train.prompts_per_step)
+            problems = order.next_problems(cfg.train.prompts_per_step)
             r = rollout(policy, tokenizer, task, problems, cfg, stop_ids, generator)
             t1 = time.perf_counter()
 
             texts = decode_completions(tokenizer, r.completion_ids, r.completion_mask)
             rewards, per_fn = score_completions(reward_fns, weights, task, problems, texts, r.group_size)
+            if correctness_name not in per_fn:  # accuracy is logged even when training on other rewards
+                per_fn.update(
+                    score_completions(
+                        [(correctness_name, correctness)], [1.0], task, problems, texts, r.group_size
+                    )[1]
+                )
             t2 = time.perf_counter()
 
             advantages, zero_variance = algo.group_advantages(
@@ -342,6 +350,7 @@ def train(cfg: Config, console=None) -> Path:
             t3 = time.perf_counter()
 
             metrics = {"step": step, **step_metrics(batch, per_fn, zero_variance), **update}
+            metrics["accuracy"] = (per_fn[correctness_name] >= 1.0).float().mean().item()
             metrics.update(
                 {
                     "tokens_per_s": int(r.completion_mask.sum()) / (t3 - t0),
@@ -351,7 +360,8 @@ def train(cfg: Config, console=None) -> Path:
                     "time/train": t3 - t2,
                 }
             )
-            if cfg.eval.every_n_steps and step % cfg.eval.every_n_steps == 0 and step != cfg.train.max_steps:
+            final_eval_follows = cfg.eval.at_end and step == cfg.train.max_steps
+            if cfg.eval.every_n_steps and step % cfg.eval.every_n_steps == 0 and not final_eval_follows:
                 metrics["eval/accuracy"] = run_eval(f"step_{step}", step)
             last = step == cfg.train.max_steps
             if last or (cfg.checkpoint.every_n_steps and step % cfg.checkpoint.every_n_steps == 0):

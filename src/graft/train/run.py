@@ -25,7 +25,8 @@ class RunDir:
     path: Path
 
     @classmethod
-    def create(cls, cfg: Config) -> RunDir:
+    def for_config(cls, cfg: Config) -> RunDir:
+        """The run's directory, checked but not yet created (a run that fails to start leaves nothing)."""
         name = cfg.logging.run_name or f"{cfg.task.name}-{time.strftime('%Y%m%d-%H%M%S')}"
         path = Path(cfg.logging.output_dir) / name
         if path.exists() and any(path.iterdir()):
@@ -33,14 +34,17 @@ class RunDir:
                 f"run directory {path} already exists and is not empty; pick another logging.run_name "
                 "or remove the folder"
             )
+        return cls(path)
+
+    def create(self, cfg: Config) -> None:
         try:
-            path.mkdir(parents=True, exist_ok=True)
-            (path / "config.yaml").write_text(cfg.to_yaml())
+            self.path.mkdir(parents=True, exist_ok=True)
+            (self.path / "config.yaml").write_text(cfg.to_yaml())
         except OSError as exc:
             raise RunDirError(
-                f"cannot write the run directory {path}: {exc.strerror}; set logging.output_dir to a writable folder"
+                f"cannot write the run directory {self.path}: {exc.strerror}; "
+                "set logging.output_dir to a writable folder"
             ) from exc
-        return cls(path)
 
     def write_json(self, name: str, data: dict) -> None:
         tmp = self.path / f".{name}.tmp"

