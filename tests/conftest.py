@@ -71,3 +71,12 @@ def tiny_model_dir(tmp_path_factory, tiny_tokenizer) -> Path:
     build_tiny_model(len(tiny_tokenizer)).save_pretrained(path)
     tiny_tokenizer.save_pretrained(path)
     return path
+
+
+@pytest.fixture(scope="session")
+def builtin_model():
+    """The real SmolLM2-135M-Instruct (slow tests only): converted once into the graft cache."""
+    from graft.config import ModelConfig
+    from graft.models import load_model
+
+    return load_model(ModelConfig(device="cpu"))

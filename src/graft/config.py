@@ -117,6 +117,20 @@ class GenerationConfig(_Section):
     max_new_tokens: int = Field(64, ge=1, description="completion length limit (longer ones are truncated)")
     temperature: float = Field(1.0, gt=0, description="sampling temperature (log-probs use the same one)")
     top_p: float = Field(1.0, gt=0, le=1, description="nucleus sampling threshold")
+    min_new_tokens: int = Field(
+        0, ge=0, description="hold stop tokens back until this many tokens (benchmarks)"
+    )
+    merge_adapter: bool = Field(
+        True, description="sample from LoRA-merged weights (faster; a temporary copy of the adapted layers)"
+    )
+
+    @model_validator(mode="after")
+    def _check_lengths(self) -> GenerationConfig:
+        if self.min_new_tokens > self.max_new_tokens:
+            raise ValueError(
+                f"min_new_tokens ({self.min_new_tokens}) exceeds max_new_tokens ({self.max_new_tokens})"
+            )
+        return self
 
 
 class TrainConfig(_Section):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib.metadata
 import os
 import shutil
@@ -195,3 +196,39 @@ def stop_token_ids(model, tokenizer) -> list[int]:
     elif gen_eos:
         ids.update(int(i) for i in gen_eos)
     return sorted(ids)
+
+
+@contextlib.contextmanager
+def merged_adapter(model, enabled: bool = True):
+    """Run inference on base weights with the LoRA deltas folded in, so decoding pays no adapter cost.
+
+    The merged weights are new tensors swapped in for the duration; the original base weights are put back
+    untouched afterwards (peft's merge/unmerge adds and subtracts in place, which drifts a little each step).
+    Anything that is not a LoRA-wrapped nn.Linear (or a model without adapters) runs as it is.
+    """
+    from peft import PeftModel
+    from peft.tuners.lora import LoraLayer
+
+    if not enabled or not isinstance(model, PeftModel):
+        yield model
+        return
+    layers = [m for m in model.modules() if isinstance(m, LoraLayer)]
+    if any(not isinstance(m.get_base_layer(), torch.nn.Linear) for m in layers):
+        yield model  # embedding/conv adapters: not worth a special path
+        return
+    originals = []
+    try:
+        with torch.no_grad():
+            for layer in layers:
+                base = layer.get_base_layer()
+                merged = base.weight.detach().clone()
+                for name in layer.active_adapters:
+                    if name in layer.lora_A:
+                        merged += layer.get_delta_weight(name).to(merged.dtype)
+                originals.append((base, base.weight))
+                base.weight = torch.nn.Parameter(merged, requires_grad=False)
+        with model.disable_adapter():
+            yield model
+    finally:
+        for base, weight in originals:
+            base.weight = weight

@@ -61,7 +61,7 @@ def _filter_top_p(logits: torch.Tensor, top_p: float) -> torch.Tensor:
     return torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
 
 
-@torch.inference_mode()
+@torch.no_grad()  # not inference_mode: the rollout tensors feed autograd in the training pass
 def sample(
     model,
     prompts: list[list[int]],
@@ -72,14 +72,17 @@ def sample(
     stop_ids: list[int],
     temperature: float = 1.0,
     top_p: float = 1.0,
+    min_new_tokens: int = 0,
     greedy: bool = False,
     generator: torch.Generator | None = None,
 ) -> Rollout:
     """Sample `group_size` completions for each prompt.
 
-    Each prompt is prefilled once and its KV cache repeated for its group. Log-probs are those of the
-    sampling distribution softmax(logits / temperature) before top-p filtering, the same quantity the
-    training pass computes; with greedy=True tokens are argmax and log-probs use temperature 1.
+    Each prompt is prefilled once and its KV cache repeated for its group; a completion that stops leaves
+    the decode batch (and the cache) at once, so finished rows cost nothing. Log-probs are those of the
+    sampling distribution softmax(logits / temperature) before top-p filtering and before stop tokens are
+    held back for `min_new_tokens`: the same quantity the training pass computes. With greedy=True tokens
+    are argmax and log-probs use temperature 1.
     """
     device = next(model.parameters()).device
     prompt_ids, prompt_mask = left_pad(prompts, pad_id)
@@ -101,25 +104,37 @@ def sample(
         prompt_mask = prompt_mask.repeat_interleave(group_size, dim=0)
 
     B = prompt_ids.shape[0]
+    tokens = torch.full((B, max_new_tokens), pad_id, dtype=torch.long, device=device)
+    token_logprobs = torch.zeros((B, max_new_tokens), dtype=torch.float32, device=device)
+    active = torch.arange(B, device=device)  # rows still decoding, in the order the cache holds them
     attention_mask = prompt_mask
     next_position = prompt_mask.sum(dim=1, keepdim=True)  # (B, 1)
     stop = torch.tensor(stop_ids, device=device)
-    finished = torch.zeros(B, dtype=torch.bool, device=device)
-    tokens, token_logprobs = [], []
+    width = 0
     for step in range(max_new_tokens):
+        width = step + 1
         scaled = logits if greedy or temperature == 1.0 else logits / temperature
         logp = torch.log_softmax(scaled, dim=-1)
+        choice = scaled
+        if step < min_new_tokens:  # hold stop tokens back (forced-length benchmarks)
+            choice = scaled.index_fill(1, stop, float("-inf"))
         if greedy:
-            token = logp.argmax(dim=-1)
+            token = choice.argmax(dim=-1)
         else:
-            filtered = _filter_top_p(scaled, top_p) if top_p < 1.0 else scaled
+            filtered = _filter_top_p(choice, top_p) if top_p < 1.0 else choice
             token = torch.multinomial(filtered.softmax(dim=-1), 1, generator=generator).squeeze(1)
-        token = torch.where(finished, torch.full_like(token, pad_id), token)
-        tokens.append(token)
-        token_logprobs.append(logp.gather(1, token[:, None]).squeeze(1).masked_fill(finished, 0.0))
-        finished = finished | torch.isin(token, stop)
-        if finished.all() or step == max_new_tokens - 1:
+        tokens[active, step] = token
+        token_logprobs[active, step] = logp.gather(1, token[:, None]).squeeze(1)
+        if step == max_new_tokens - 1:
             break
+        running = ~torch.isin(token, stop)
+        if not running.all():
+            if not running.any():
+                break
+            keep = running.nonzero().squeeze(1)
+            active, token = active[keep], token[keep]
+            cache.batch_select_indices(keep)
+            attention_mask, next_position = attention_mask[keep], next_position[keep]
         attention_mask = torch.cat([attention_mask, torch.ones_like(attention_mask[:, :1])], dim=1)
         out = model(
             input_ids=token[:, None],
@@ -132,15 +147,14 @@ def sample(
         logits = out.logits[:, -1, :].float()
         next_position = next_position + 1
 
-    completion_ids = torch.stack(tokens, dim=1)  # (B, T)
+    completion_ids = tokens[:, :width]  # (B, T)
     completion_mask, has_stop = completion_mask_from_ids(completion_ids, stop_ids)
-    logprobs = torch.stack(token_logprobs, dim=1) * completion_mask
     return Rollout(
         prompt_ids=prompt_ids,
         prompt_mask=prompt_mask,
         completion_ids=completion_ids,
         completion_mask=completion_mask,
-        logprobs=logprobs,
+        logprobs=token_logprobs[:, :width] * completion_mask,
         truncated=~has_stop,
         group_size=group_size,
     )

@@ -20,7 +20,7 @@ from rich.markup import escape
 from graft import algo
 from graft.config import Config
 from graft.eval import decode_completions, encode_prompts, evaluate
-from graft.models import add_lora, load_model, stop_token_ids
+from graft.models import add_lora, load_model, merged_adapter, stop_token_ids
 from graft.rewards.builtin import BUILTIN_REWARDS, RewardFn, resolve_rewards
 from graft.rollout.sampler import Rollout, position_ids_from_mask, sample
 from graft.tasks import Problem, Task, build_task
@@ -79,17 +79,19 @@ def rollout(
     policy, tokenizer, task: Task, problems: list[Problem], cfg: Config, stop_ids, generator
 ) -> Rollout:
     policy.eval()  # no dropout while sampling: the sampler's log-probs must describe the policy we train
-    return sample(
-        policy,
-        encode_prompts(tokenizer, task, problems),
-        group_size=cfg.grpo.num_generations,
-        max_new_tokens=cfg.generation.max_new_tokens,
-        pad_id=tokenizer.pad_token_id,
-        stop_ids=stop_ids,
-        temperature=cfg.generation.temperature,
-        top_p=cfg.generation.top_p,
-        generator=generator,
-    )
+    with merged_adapter(policy, cfg.generation.merge_adapter):
+        return sample(
+            policy,
+            encode_prompts(tokenizer, task, problems),
+            group_size=cfg.grpo.num_generations,
+            max_new_tokens=cfg.generation.max_new_tokens,
+            min_new_tokens=cfg.generation.min_new_tokens,
+            pad_id=tokenizer.pad_token_id,
+            stop_ids=stop_ids,
+            temperature=cfg.generation.temperature,
+            top_p=cfg.generation.top_p,
+            generator=generator,
+        )
 
 
 # --------------------------------------------------------------------------------------------- rewards
@@ -121,6 +123,15 @@ def score_completions(
 # --------------------------------------------------------------------------------------------- log-probs
 
 
+def prompt_runs(prompt_ids: torch.Tensor, prompt_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(first row (U,), row count (U,)) of each run of identical adjacent prompts: a group's rows share one."""
+    B = prompt_ids.shape[0]
+    same = (prompt_ids[1:] == prompt_ids[:-1]).all(1) & (prompt_mask[1:] == prompt_mask[:-1]).all(1)
+    starts = torch.cat([torch.ones(1, dtype=torch.bool, device=same.device), ~same]).nonzero().squeeze(1)
+    counts = torch.diff(torch.cat([starts, torch.tensor([B], device=starts.device)]))
+    return starts, counts
+
+
 def completion_logprobs(
     model,
     prompt_ids: torch.Tensor,  # (B, P)
@@ -128,20 +139,48 @@ def completion_logprobs(
     completion_ids: torch.Tensor,  # (B, T)
     completion_mask: torch.Tensor,  # (B, T)
     temperature: float,
+    share_prompts: bool = True,
 ) -> torch.Tensor:  # (B, T)
-    """Log-probs of the completion tokens under `model`. The LM head runs only on the T + 1 last positions
-    (the prompt's logits are never needed), and positions skip the left padding as in the sampler."""
-    input_ids = torch.cat([prompt_ids, completion_ids], dim=1)
+    """Log-probs of the completion tokens under `model`, differentiable.
+
+    The LM head runs only where a completion token is predicted. With share_prompts, each run of identical
+    prompts (a group) is encoded once and its KV cache repeated for the group's completions; gradients
+    still reach the prompt's keys and values through the repeat. Positions skip left padding as in the
+    sampler, so the log-probs match the sampler's.
+    """
+    P, T = prompt_ids.shape[1], completion_ids.shape[1]
     attention_mask = torch.cat([prompt_mask, completion_mask], dim=1)
-    T = completion_ids.shape[1]
-    logits = model(
-        input_ids=input_ids,
+    positions = position_ids_from_mask(attention_mask)
+    starts, counts = prompt_runs(prompt_ids, prompt_mask) if share_prompts else (None, None)
+    if starts is None or len(starts) == prompt_ids.shape[0]:
+        logits = model(
+            input_ids=torch.cat([prompt_ids, completion_ids], dim=1),
+            attention_mask=attention_mask,
+            position_ids=positions,
+            logits_to_keep=T + 1,
+            use_cache=False,
+        ).logits[:, :-1]  # (B, T, V): position t predicts completion token t
+        return algo.token_logprobs(logits, completion_ids, temperature)
+
+    prefill = model(
+        input_ids=prompt_ids[starts],
+        attention_mask=prompt_mask[starts],
+        position_ids=positions[starts, :P],
+        use_cache=True,
+        logits_to_keep=1,
+    )
+    cache = prefill.past_key_values
+    cache.batch_repeat_interleave(counts)  # (U, ...) -> (B, ...), differentiable
+    first = prefill.logits.repeat_interleave(counts, dim=0)  # (B, 1, V) predicts completion token 0
+    rest = model(
+        input_ids=completion_ids,
         attention_mask=attention_mask,
-        position_ids=position_ids_from_mask(attention_mask),
-        logits_to_keep=T + 1,
-        use_cache=False,
-    ).logits[:, :-1]  # (B, T, V): position t predicts completion token t
-    return algo.token_logprobs(logits, completion_ids, temperature)
+        position_ids=positions[:, P:],
+        past_key_values=cache,
+        use_cache=True,
+        logits_to_keep=T,
+    ).logits[:, :-1]  # (B, T - 1, V) predicts completion tokens 1..T-1
+    return algo.token_logprobs(torch.cat([first, rest], dim=1), completion_ids, temperature)
 
 
 def micro_batch(r: Rollout, idx: torch.Tensor, device) -> tuple[torch.Tensor, ...]:
@@ -296,11 +335,12 @@ def train(cfg: Config, console=None) -> Path:
     eval_history: dict = {}
 
     def run_eval(tag: str, step: int) -> float:
-        result = evaluate(
-            policy, tokenizer, task, correctness,
-            max_new_tokens=cfg.eval.max_new_tokens or cfg.generation.max_new_tokens,
-            stop_ids=stop_ids, num_problems=cfg.eval.num_prompts, batch_size=cfg.eval.batch_size,
-        )  # fmt: skip
+        with merged_adapter(policy, cfg.generation.merge_adapter):
+            result = evaluate(
+                policy, tokenizer, task, correctness,
+                max_new_tokens=cfg.eval.max_new_tokens or cfg.generation.max_new_tokens,
+                stop_ids=stop_ids, num_problems=cfg.eval.num_prompts, batch_size=cfg.eval.batch_size,
+            )  # fmt: skip
         eval_history[tag] = {"step": step, **result.to_dict()}
         run.write_json("eval.json", eval_history)
         return result.accuracy
