@@ -1,4 +1,4 @@
-"""`graft train | config`: the command line."""
+"""`graft train | config | bench`: the command line."""
 
 from __future__ import annotations
 
@@ -66,6 +66,10 @@ def build_parser() -> argparse.ArgumentParser:
     config.add_argument("overrides", nargs="*", help="dotted overrides")
     config.add_argument("--keys", action="store_true", help="list every config key, its default and help")
     config.set_defaults(func=cmd_config)
+    # listed for --help; its options are parsed by graft.bench itself (see main)
+    sub.add_parser(
+        "bench", help="GRPO step benchmark, graft vs TRL side by side (graft bench --help)", add_help=False
+    )
     return parser
 
 
@@ -77,6 +81,11 @@ def _split_config_arg(args: argparse.Namespace) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["bench"]:
+        from graft.bench import main as bench_main
+
+        return bench_main(argv[1:])
     args = build_parser().parse_args(argv)
     _split_config_arg(args)
     # soft_wrap: long paths and messages stay on one line (copyable), the terminal wraps them if it must

@@ -232,3 +232,19 @@ def merged_adapter(model, enabled: bool = True):
     finally:
         for base, weight in originals:
             base.weight = weight
+
+
+def split_lm_head(model) -> tuple[torch.nn.Module, torch.nn.Module]:
+    """(transformer body returning hidden states, LM head) of a causal LM, PEFT-wrapped or not, so the
+    training pass can fuse the head with the log-softmax instead of materialising all logits."""
+    lm = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return getattr(lm, lm.base_model_prefix), lm.get_output_embeddings()
+
+
+def plain_linear_head(head: torch.nn.Module, config) -> bool:
+    """True when logits are exactly hidden @ head.weight.T: no bias, adapter, soft-capping or scaling."""
+    scaled = any(
+        getattr(config, key, None) not in (None, 1.0)
+        for key in ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale")
+    )
+    return type(head) is torch.nn.Linear and head.bias is None and not scaled

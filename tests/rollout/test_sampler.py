@@ -112,3 +112,16 @@ def test_truncation_flag_and_length_limit(tiny_model):
     assert always_stop.completion_lengths.tolist() == [1, 1, 1]
     assert not always_stop.truncated.any()
     assert all(math.isfinite(x) for x in always_stop.logprobs.flatten().tolist())
+
+
+def test_categorical_sampling_matches_the_distribution_and_never_picks_zero_probability():
+    from graft.rollout.sampler import _sample_categorical
+
+    probs = torch.tensor([0.0, 0.5, 0.0, 0.3, 0.2, 0.0])
+    logits = torch.log(probs).expand(20000, -1)
+    draws = _sample_categorical(logits, torch.Generator().manual_seed(0))
+    counts = torch.bincount(draws, minlength=6).float() / 20000
+    assert counts[[0, 2, 5]].sum() == 0
+    assert torch.allclose(counts, probs, atol=0.015)  # 20k draws: 3 standard errors is about 0.011
+    # one certain token
+    assert (_sample_categorical(torch.tensor([[-float("inf"), 0.0, -float("inf")]]), None) == 1).all()

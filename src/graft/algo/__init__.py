@@ -2,7 +2,7 @@
 B completions in the batch, T completion positions, G completions per group."""
 
 from graft.algo.advantages import group_advantages
-from graft.algo.logprobs import token_logprobs
+from graft.algo.logprobs import linear_token_logprobs, token_logprobs
 from graft.algo.losses import aggregate_loss, clipped_surrogate, importance_log_ratio, k3_kl, policy_loss
 
 __all__ = [
@@ -11,6 +11,7 @@ __all__ = [
     "group_advantages",
     "importance_log_ratio",
     "k3_kl",
+    "linear_token_logprobs",
     "policy_loss",
     "token_logprobs",
 ]

@@ -61,6 +61,16 @@ def _filter_top_p(logits: torch.Tensor, top_p: float) -> torch.Tensor:
     return torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
 
 
+def _sample_categorical(logits: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    """One draw per row from softmax(logits) by inverting the CDF with a single uniform per row.
+    torch.multinomial draws an exponential for every vocabulary entry, which on a CPU costs more than the
+    LM head itself for a 49k vocabulary. A token with probability 0 (top-p cut) is never drawn: the search
+    finds the first cumulative mass strictly above u * total, and u < 1."""
+    cdf = torch.softmax(logits, dim=-1, dtype=torch.float64).cumsum_(dim=-1)  # float64: no drift over V
+    u = torch.rand(logits.shape[0], 1, generator=generator, device=logits.device, dtype=torch.float64)
+    return torch.searchsorted(cdf, u * cdf[:, -1:], right=True).squeeze(1).clamp_(max=logits.shape[1] - 1)
+
+
 @torch.no_grad()  # not inference_mode: the rollout tensors feed autograd in the training pass
 def sample(
     model,
@@ -122,7 +132,7 @@ def sample(
             token = choice.argmax(dim=-1)
         else:
             filtered = _filter_top_p(choice, top_p) if top_p < 1.0 else choice
-            token = torch.multinomial(filtered.softmax(dim=-1), 1, generator=generator).squeeze(1)
+            token = _sample_categorical(filtered, generator)
         tokens[active, step] = token
         token_logprobs[active, step] = logp.gather(1, token[:, None]).squeeze(1)
         if step == max_new_tokens - 1:

@@ -20,7 +20,14 @@ from rich.markup import escape
 from graft import algo
 from graft.config import Config
 from graft.eval import decode_completions, encode_prompts, evaluate
-from graft.models import add_lora, load_model, merged_adapter, stop_token_ids
+from graft.models import (
+    add_lora,
+    load_model,
+    merged_adapter,
+    plain_linear_head,
+    split_lm_head,
+    stop_token_ids,
+)
 from graft.rewards.builtin import BUILTIN_REWARDS, RewardFn, resolve_rewards
 from graft.rollout.sampler import Rollout, position_ids_from_mask, sample
 from graft.tasks import Problem, Task, build_task
@@ -140,47 +147,49 @@ def completion_logprobs(
     completion_mask: torch.Tensor,  # (B, T)
     temperature: float,
     share_prompts: bool = True,
+    fuse_head: bool = True,
 ) -> torch.Tensor:  # (B, T)
     """Log-probs of the completion tokens under `model`, differentiable.
 
-    The LM head runs only where a completion token is predicted. With share_prompts, each run of identical
-    prompts (a group) is encoded once and its KV cache repeated for the group's completions; gradients
-    still reach the prompt's keys and values through the repeat. Positions skip left padding as in the
-    sampler, so the log-probs match the sampler's.
+    Only the hidden states that predict a completion token go through the LM head, fused with the
+    log-softmax (fuse_head) so no (B, T, V) logits exist. With share_prompts, each run of identical prompts
+    (a group) is encoded once and its KV cache repeated for the group's completions; gradients still reach
+    the prompt's keys and values through the repeat. Positions skip left padding as in the sampler, so the
+    log-probs match the sampler's.
     """
-    P, T = prompt_ids.shape[1], completion_ids.shape[1]
+    body, head = split_lm_head(model)
+    P = prompt_ids.shape[1]
     attention_mask = torch.cat([prompt_mask, completion_mask], dim=1)
     positions = position_ids_from_mask(attention_mask)
     starts, counts = prompt_runs(prompt_ids, prompt_mask) if share_prompts else (None, None)
     if starts is None or len(starts) == prompt_ids.shape[0]:
-        logits = model(
+        hidden = body(
             input_ids=torch.cat([prompt_ids, completion_ids], dim=1),
             attention_mask=attention_mask,
             position_ids=positions,
-            logits_to_keep=T + 1,
             use_cache=False,
-        ).logits[:, :-1]  # (B, T, V): position t predicts completion token t
-        return algo.token_logprobs(logits, completion_ids, temperature)
-
-    prefill = model(
-        input_ids=prompt_ids[starts],
-        attention_mask=prompt_mask[starts],
-        position_ids=positions[starts, :P],
-        use_cache=True,
-        logits_to_keep=1,
-    )
-    cache = prefill.past_key_values
-    cache.batch_repeat_interleave(counts)  # (U, ...) -> (B, ...), differentiable
-    first = prefill.logits.repeat_interleave(counts, dim=0)  # (B, 1, V) predicts completion token 0
-    rest = model(
-        input_ids=completion_ids,
-        attention_mask=attention_mask,
-        position_ids=positions[:, P:],
-        past_key_values=cache,
-        use_cache=True,
-        logits_to_keep=T,
-    ).logits[:, :-1]  # (B, T - 1, V) predicts completion tokens 1..T-1
-    return algo.token_logprobs(torch.cat([first, rest], dim=1), completion_ids, temperature)
+        ).last_hidden_state[:, P - 1 : -1]  # (B, T, d): position P - 1 + t predicts completion token t
+    else:
+        prefill = body(
+            input_ids=prompt_ids[starts],
+            attention_mask=prompt_mask[starts],
+            position_ids=positions[starts, :P],
+            use_cache=True,
+        )
+        cache = prefill.past_key_values
+        cache.batch_repeat_interleave(counts)  # (U, ...) -> (B, ...), differentiable
+        rest = body(
+            input_ids=completion_ids,
+            attention_mask=attention_mask,
+            position_ids=positions[:, P:],
+            past_key_values=cache,
+            use_cache=True,
+        ).last_hidden_state
+        first = prefill.last_hidden_state[:, -1:].repeat_interleave(counts, dim=0)  # predicts token 0
+        hidden = torch.cat([first, rest[:, :-1]], dim=1)  # (B, T, d)
+    if fuse_head and plain_linear_head(head, model.config):
+        return algo.linear_token_logprobs(hidden, head.weight, completion_ids, temperature, chunk_rows=512)
+    return algo.token_logprobs(head(hidden), completion_ids, temperature)
 
 
 def micro_batch(r: Rollout, idx: torch.Tensor, device) -> tuple[torch.Tensor, ...]:
@@ -259,17 +268,21 @@ def update_policy(policy, optimizer, scheduler, batch: ScoredBatch, cfg: Config,
                     ref_logprobs=ref,
                 )
                 out.loss.backward()
-                step_loss += out.loss.item()
-                clip_fracs.append(out.clip_fraction.item())
+                # statistics stay on the device until the end: .item() per micro-batch would stall a GPU
+                step_loss = step_loss + out.loss.detach()
+                clip_fracs.append(out.clip_fraction)
                 if out.kl is not None:
-                    kls.append(out.kl.item())
+                    kls.append(out.kl)
             max_norm = cfg.train.max_grad_norm if cfg.train.max_grad_norm is not None else float("inf")
-            grad_norms.append(torch.nn.utils.clip_grad_norm_(params, max_norm).item())
+            grad_norms.append(torch.nn.utils.clip_grad_norm_(params, max_norm))
             optimizer.step()
             scheduler.step()
             losses.append(step_loss)
     policy.eval()
-    mean = lambda xs: sum(xs) / len(xs) if xs else None  # noqa: E731
+
+    def mean(xs: list) -> float | None:
+        return torch.stack([torch.as_tensor(x) for x in xs]).float().mean().item() if xs else None
+
     return {
         "loss": mean(losses),
         "grad_norm": mean(grad_norms),

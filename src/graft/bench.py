@@ -1,0 +1,340 @@
+"""Side-by-side GRPO step benchmark: graft vs TRL's GRPOTrainer on the same model, settings and machine.
+
+Each framework runs in its own subprocess (so peak RSS is its own), and the subprocesses alternate
+(graft, TRL, graft, TRL, ...) so that both see the same machine state. Both sample exactly
+`max_new_tokens` tokens per completion (stop tokens held back), so they do the same amount of work.
+
+    python benchmarks/grpo_step.py            # or: graft bench
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+SYSTEM_PROMPT = "You are a calculator. Reply with the result only, as a plain integer."
+
+
+def bench_overrides(args: argparse.Namespace, out_dir: str) -> list[str]:
+    """The graft config of the benchmark; the TRL worker mirrors every value."""
+    return [
+        f"lora.r={args.lora_r}",
+        f"lora.alpha={2 * args.lora_r}",
+        f"task.system_prompt='{SYSTEM_PROMPT}'",
+        f"grpo.num_generations={args.num_generations}",
+        "grpo.beta=0.0",
+        "grpo.num_iterations=1",
+        "grpo.loss_type=dapo",
+        f"generation.max_new_tokens={args.max_new_tokens}",
+        f"generation.min_new_tokens={args.max_new_tokens}",
+        "generation.temperature=1.0",
+        f"train.prompts_per_step={args.prompts_per_step}",
+        # micro_batch_size stays graft's default (8): the math is the same as one pass over the batch
+        # (tests/train/test_grpo.py checks that), it is only faster and smaller than 16 at once.
+        f"train.max_steps={args.warmup + args.steps}",
+        "train.warmup_steps=0",
+        "eval.at_start=false",
+        "eval.at_end=false",
+        "eval.every_n_steps=0",
+        "checkpoint.every_n_steps=0",
+        f"logging.output_dir={out_dir}",
+        "logging.run_name=bench",
+        "logging.progress=lines",
+        "logging.print_config=false",
+    ]
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+# ------------------------------------------------------------------------------------------- workers
+
+
+def worker_graft(args: argparse.Namespace) -> dict:
+    from graft.cli import _quiet_libraries
+    from graft.config import load_config
+    from graft.train.grpo import train
+
+    _quiet_libraries()
+    with tempfile.TemporaryDirectory() as out:
+        run = train(load_config(None, bench_overrides(args, out)))
+        rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in rows if "time/step" in r][args.warmup :]
+    return {
+        "step_s": [r["time/step"] for r in steps],
+        "rollout_s": [r["time/rollout"] for r in steps],
+        "reward_s": [r["time/reward"] for r in steps],
+        "train_s": [r["time/train"] for r in steps],
+        "completion_tokens": [
+            r["completion_length/mean"] * args.num_generations * args.prompts_per_step for r in steps
+        ],
+        "peak_rss_mb": peak_rss_mb(),
+    }
+
+
+def worker_trl(args: argparse.Namespace) -> dict:
+    from datasets import Dataset
+    from peft import LoraConfig
+    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+    from trl import GRPOConfig, GRPOTrainer
+
+    from graft.cli import _quiet_libraries
+    from graft.config import ModelConfig, TaskConfig
+    from graft.models import resolve_model_path
+    from graft.rewards.builtin import last_integer
+    from graft.tasks import build_task
+
+    _quiet_libraries()
+    path = resolve_model_path(ModelConfig())  # the same cached safetensors graft trains
+    task = build_task(TaskConfig(system_prompt=SYSTEM_PROMPT))
+    rows = [
+        {"prompt": task.messages(p), "answer": p.answer} for p in task.train[: 64 * args.prompts_per_step]
+    ]
+    timings: dict[str, list[float]] = {"generate": [], "reward": [], "step": [], "tokens": []}
+
+    def correctness(prompts, completions, answer, **kwargs):  # a TRL reward function around graft's grader
+        start = time.perf_counter()
+        texts = [c[-1]["content"] if isinstance(c, list) else c for c in completions]
+        out = last_integer(prompts, texts, answer)
+        timings["reward"].append(time.perf_counter() - start)
+        return out
+
+    class StepTimer(TrainerCallback):
+        def on_step_begin(self, *a, **k):
+            self.start = time.perf_counter()
+
+        def on_step_end(self, *a, **k):
+            timings["step"].append(time.perf_counter() - self.start)
+
+    config = GRPOConfig(
+        output_dir=tempfile.mkdtemp(),
+        per_device_train_batch_size=args.num_generations * args.prompts_per_step,
+        num_generations=args.num_generations,
+        max_completion_length=args.max_new_tokens,
+        generation_kwargs={"min_new_tokens": args.max_new_tokens},
+        temperature=1.0,
+        beta=0.0,
+        num_iterations=1,
+        loss_type="dapo",
+        learning_rate=2e-4,
+        lr_scheduler_type="constant",
+        max_steps=args.warmup + args.steps,
+        logging_steps=1,
+        save_strategy="no",
+        report_to="none",
+        use_cpu=True,
+        bf16=False,
+        seed=0,
+        dataloader_num_workers=0,
+    )
+    trainer = GRPOTrainer(
+        model=AutoModelForCausalLM.from_pretrained(path, dtype="float32"),
+        reward_funcs=correctness,
+        args=config,
+        train_dataset=Dataset.from_list(rows),
+        processing_class=AutoTokenizer.from_pretrained(path),
+        peft_config=LoraConfig(
+            r=args.lora_r,
+            lora_alpha=2 * args.lora_r,
+            target_modules="all-linear",
+            lora_dropout=0.0,
+            task_type="CAUSAL_LM",
+        ),  # fmt: skip
+        callbacks=[StepTimer()],
+    )
+    generate = trainer._generate
+
+    def timed_generate(*a, **k):
+        start = time.perf_counter()
+        out = generate(*a, **k)
+        timings["generate"].append(time.perf_counter() - start)
+        timings["tokens"].append(sum(len(ids) for ids in out[1]))  # completion_ids per completion
+        return out
+
+    trainer._generate = timed_generate
+    trainer.train()
+    w = args.warmup
+    step, gen, rew = timings["step"][w:], timings["generate"][w:], timings["reward"][w:]
+    return {
+        "step_s": step,
+        "rollout_s": gen,
+        "reward_s": rew,
+        "train_s": [s - g - r for s, g, r in zip(step, gen, rew, strict=True)],
+        "completion_tokens": timings["tokens"][w:],
+        "peak_rss_mb": peak_rss_mb(),
+    }
+
+
+# ------------------------------------------------------------------------------------------- FLOPs
+
+
+def matmul_peak_gflops(seconds: float = 3.0, n: int = 2048) -> float:
+    """The machine's fp32 matmul rate, measured: the ceiling any training step can approach."""
+    import torch
+
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    torch.mm(a, b)
+    best, end = 0.0, time.perf_counter() + seconds
+    while time.perf_counter() < end:
+        start = time.perf_counter()
+        torch.mm(a, b)
+        best = max(best, 2 * n**3 / (time.perf_counter() - start) / 1e9)
+    return best
+
+
+def step_gflop(args: argparse.Namespace, prompt_len: int) -> float:
+    """Useful work of one step: sampling forward passes + training forward + backward to the activations
+    (LoRA needs no base-weight gradients, so backward costs about one forward). Matmuls only."""
+    from transformers import AutoConfig
+
+    from graft.config import ModelConfig
+    from graft.models import resolve_model_path
+
+    c = AutoConfig.from_pretrained(resolve_model_path(ModelConfig()))
+    d, kv = c.hidden_size, c.num_key_value_heads * (c.hidden_size // c.num_attention_heads)
+    per_token = c.num_hidden_layers * 2 * (2 * d * d + 2 * d * kv + 3 * d * c.intermediate_size)
+    head = 2 * d * c.vocab_size
+    groups, completions = args.prompts_per_step, args.prompts_per_step * args.num_generations
+    new = completions * args.max_new_tokens
+    sampling = groups * prompt_len * per_token + completions * head + new * (per_token + head)
+    training_forward = groups * prompt_len * per_token + new * (per_token + head)
+    return (sampling + 2 * training_forward) / 1e9
+
+
+# ------------------------------------------------------------------------------------------- driver
+
+
+def run_worker(framework: str, args: argparse.Namespace) -> dict:
+    cmd = [sys.executable, "-m", "graft.bench", "--worker", framework]
+    for key in ("steps", "warmup", "num_generations", "prompts_per_step", "max_new_tokens", "lora_r"):
+        cmd += [f"--{key.replace('_', '-')}", str(getattr(args, key))]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "TQDM_DISABLE": "1"})
+    if proc.returncode != 0:
+        raise RuntimeError(f"{framework} worker failed:\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def summarize(results: list[dict]) -> dict:
+    merged: dict[str, list[float]] = {}
+    for r in results:
+        for key, value in r.items():
+            if isinstance(value, list):
+                merged.setdefault(key, []).extend(value)
+    tokens = [t / s for t, s in zip(merged["completion_tokens"], merged["step_s"], strict=True)]
+    return {
+        "tokens_per_s": statistics.median(tokens),
+        "step_s": statistics.median(merged["step_s"]),
+        "rollout_s": statistics.median(merged["rollout_s"]),
+        "reward_s": statistics.median(merged["reward_s"]),
+        "train_s": statistics.median(merged["train_s"]),
+        "completion_tokens": statistics.median(merged["completion_tokens"]),
+        "peak_rss_mb": max(r["peak_rss_mb"] for r in results),
+        "steps_measured": len(merged["step_s"]),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="graft bench", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--frameworks", default="graft,trl", help="comma-separated: graft, trl")
+    parser.add_argument("--rounds", type=int, default=2, help="alternating subprocess runs per framework")
+    parser.add_argument("--steps", type=int, default=2, help="measured steps per run")
+    parser.add_argument("--warmup", type=int, default=1, help="unmeasured steps per run")
+    parser.add_argument("--num-generations", type=int, default=8)
+    parser.add_argument("--prompts-per-step", type=int, default=2)
+    parser.add_argument("--max-new-tokens", type=int, default=64)
+    parser.add_argument("--lora-r", type=int, default=16)
+    parser.add_argument("--json", help="also write the results to this file")
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+
+    if args.worker:
+        result = {"graft": worker_graft, "trl": worker_trl}[args.worker](args)
+        print(json.dumps(result))
+        return 0
+
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console(width=max(Console().width, 110))  # the table must not be cut in CI logs
+    frameworks = [f.strip() for f in args.frameworks.split(",") if f.strip()]
+    if "trl" in frameworks:
+        try:
+            import trl  # noqa: F401
+        except ImportError:
+            console.print(
+                "[red]TRL is not installed[/red]: pip install -e '.[bench]' (or --frameworks graft)"
+            )
+            return 2
+    console.print(
+        f"GRPO step: {args.prompts_per_step} prompts x G={args.num_generations}, exactly {args.max_new_tokens} "
+        f"new tokens, LoRA r{args.lora_r} all-linear, beta=0, mu=1; {args.rounds} rounds x {args.steps} steps "
+        f"(+{args.warmup} warmup) per framework, alternating"
+    )
+    raw: dict[str, list[dict]] = {f: [] for f in frameworks}
+    for round_index in range(args.rounds):
+        for framework in frameworks:
+            console.print(f"  round {round_index + 1}: {framework} ...")
+            raw[framework].append(run_worker(framework, args))
+    summary = {f: summarize(rs) for f, rs in raw.items()}
+
+    from graft.config import ModelConfig, TaskConfig
+    from graft.eval import encode_prompts
+    from graft.models import load_tokenizer, resolve_model_path
+    from graft.tasks import build_task
+
+    path = resolve_model_path(ModelConfig())
+    task = build_task(TaskConfig(system_prompt=SYSTEM_PROMPT))
+    prompt_len = statistics.mean(
+        len(p) for p in encode_prompts(load_tokenizer(path, ModelConfig()), task, task.train[:50])
+    )
+    gflop = step_gflop(args, round(prompt_len))
+    peak = matmul_peak_gflops()
+
+    table = Table(
+        title=f"GRPO step on {os.cpu_count()} CPU cores (medians over {args.rounds * args.steps} steps)"
+    )
+    for col in (
+        "",
+        "completion tok/s",
+        "step s",
+        "rollout s",
+        "reward s",
+        "train s",
+        "peak RSS MB",
+        "of fp32 peak",
+    ):
+        table.add_column(col, justify="right")
+    for framework, s in summary.items():
+        s["fraction_of_peak"] = gflop / s["step_s"] / peak
+        table.add_row(
+            framework, f"{s['tokens_per_s']:.1f}", f"{s['step_s']:.2f}", f"{s['rollout_s']:.2f}",
+            f"{s['reward_s']:.3f}", f"{s['train_s']:.2f}", f"{s['peak_rss_mb']:.0f}", f"{s['fraction_of_peak']:.1%}",
+        )  # fmt: skip
+    console.print(table)
+    console.print(
+        f"step work ~{gflop:.0f} GFLOP (matmuls, prompt {prompt_len:.0f} tokens); measured fp32 matmul peak "
+        f"{peak:.0f} GFLOP/s"
+    )
+    if "graft" in summary and "trl" in summary:
+        ratio = summary["graft"]["tokens_per_s"] / summary["trl"]["tokens_per_s"]
+        rss = summary["graft"]["peak_rss_mb"] / summary["trl"]["peak_rss_mb"]
+        console.print(f"[bold]graft / TRL: {ratio:.2f}x completion tokens/s, {rss:.2f}x peak RSS[/bold]")
+        summary["ratio_tokens_per_s"] = ratio
+    if args.json:
+        Path(args.json).write_text(
+            json.dumps({"summary": summary, "raw": raw, "gflop": gflop, "peak": peak}, indent=2)
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
