@@ -92,6 +92,8 @@ def main(argv: list[str] | None = None) -> int:
     console = Console(soft_wrap=True)
     err = Console(stderr=True, soft_wrap=True)
     from graft.models import ModelError
+    from graft.train.checkpoint import CheckpointError
+    from graft.train.grpo import TrainingError, TrainingInterrupted
     from graft.train.run import RunDirError
 
     try:
@@ -99,9 +101,25 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, ModelError, RunDirError) as exc:
         err.print(f"[bold red]error:[/bold red] {escape(str(exc))}", highlight=False)
         return 2
-    except KeyboardInterrupt:
-        err.print("[yellow]interrupted[/yellow]")
+    except (TrainingError, CheckpointError) as exc:
+        err.print(f"[bold red]training stopped:[/bold red] {escape(str(exc))}", highlight=False)
+        return 1
+    except TrainingInterrupted as exc:
+        console.print(f"[yellow]{escape(str(exc))}[/yellow]\n" + resume_hint(args, exc.run_dir))
         return 130
+    except KeyboardInterrupt:
+        err.print("[yellow]interrupted[/yellow] (no checkpoint was written since the last one)")
+        return 130
+
+
+def resume_hint(args: argparse.Namespace, run_dir) -> str:
+    """The command that continues the run: the same recipe and overrides, plus resume=auto."""
+    keep = [
+        o for o in args.overrides if not o.startswith(("resume=", "logging.run_name=", "logging.output_dir="))
+    ]
+    parts = ["graft train", *([args.config] if args.config else []), *keep, "resume=auto",
+             f"logging.output_dir={run_dir.parent}", f"logging.run_name={run_dir.name}"]  # fmt: skip
+    return "resume with:\n  " + " ".join(parts)
 
 
 if __name__ == "__main__":

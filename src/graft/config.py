@@ -149,6 +149,12 @@ class TrainConfig(_Section):
     lr_scheduler: Literal["cosine", "constant"] = Field("constant", description="schedule after warmup")
     max_grad_norm: float | None = Field(1.0, gt=0, description="gradient clipping norm (null = no clipping)")
     threads: int | None = Field(None, ge=1, description="torch CPU threads (default: all cores)")
+    deterministic: bool = Field(
+        False, description="deterministic kernels: a resumed run repeats a straight one bit for bit"
+    )
+    max_nonfinite_steps: int = Field(
+        3, ge=1, description="stop after this many GRPO steps in a row whose updates were all non-finite"
+    )
 
 
 class EvalConfig(_Section):
@@ -187,6 +193,11 @@ class Config(_Section):
     eval: EvalConfig = Field(default_factory=EvalConfig, description="held-out evaluation")
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig, description="checkpoints")
     logging: LoggingConfig = Field(default_factory=LoggingConfig, description="run directory and console")
+    resume: str | None = Field(
+        None,
+        description="'auto' = continue logging.run_name from its latest good checkpoint (or start it), "
+        "or the path of a checkpoint folder",
+    )
 
     @model_validator(mode="after")
     def _check_batch(self) -> Config:

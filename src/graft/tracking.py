@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import sys
 import time
 from pathlib import Path
@@ -31,8 +32,16 @@ def _jsonable(value: Any) -> Any:
 class MetricsWriter:
     """Appends one JSON object per line; flushed every line so a crashed run keeps its history."""
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, keep_until_step: int | None = None):
+        """keep_until_step: on resume, drop the records of steps after the checkpoint (they are redone)."""
         self.path = path
+        if keep_until_step is not None and path.is_file():
+            kept = [
+                line for line in path.read_text().splitlines() if json.loads(line)["step"] <= keep_until_step
+            ]
+            tmp = path.with_suffix(".tmp")
+            tmp.write_text("".join(line + "\n" for line in kept))
+            os.replace(tmp, path)
         self._file = open(path, "a", buffering=1)  # noqa: SIM115 - kept open for the run
 
     def write(self, record: dict[str, Any]) -> None:
@@ -70,6 +79,7 @@ class ProgressDisplay:
         self.total = total_steps
         self.use_bar = mode == "bar" or (mode == "auto" and sys.stdout.isatty())
         self._start = time.perf_counter()
+        self._done_before = 0
         self._last_eval: float | None = None
         self._progress: Progress | None = None
         if self.use_bar:
@@ -85,10 +95,13 @@ class ProgressDisplay:
             )
             self._task = self._progress.add_task("train", total=total_steps, summary="")
 
-    def start(self) -> None:
-        """Start the clock (and the live bar): the ETA counts from the first step, not from model loading."""
+    def start(self, done_steps: int = 0) -> None:
+        """Start the clock (and the live bar): the ETA counts from the first step, not from model loading.
+        done_steps: steps a resumed run already has."""
         self._start = time.perf_counter()
+        self._done_before = done_steps
         if self._progress is not None:
+            self._progress.update(self._task, completed=done_steps)
             self._progress.start()
 
     def update(self, step: int, metrics: dict[str, Any]) -> None:
@@ -101,7 +114,7 @@ class ProgressDisplay:
             self._progress.update(self._task, completed=step, summary=line)
         else:
             elapsed = time.perf_counter() - self._start
-            eta = elapsed / step * (self.total - step)
+            eta = elapsed / max(step - self._done_before, 1) * (self.total - step)
             self.console.print(
                 f"step {step}/{self.total}  {line}  [{elapsed:.0f}s elapsed, eta {eta:.0f}s]", soft_wrap=True
             )

@@ -29,14 +29,27 @@ def rng_state(generator: torch.Generator | None = None) -> dict[str, Any]:
     return state
 
 
+class CheckpointError(RuntimeError):
+    """A checkpoint could not be written; the ones already on disk are intact."""
+
+
 def _atomic_dir(target: Path, write) -> Path:
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    except OSError as exc:
+        raise CheckpointError(f"cannot create {target.parent}: {exc.strerror}") from exc
     try:
         write(tmp)
         if target.exists():
             shutil.rmtree(target)
         os.replace(tmp, target)
+    except OSError as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise CheckpointError(
+            f"could not write {target} ({exc.strerror or exc}); free disk space or move logging.output_dir. "
+            "Checkpoints written before are intact."
+        ) from exc
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -88,10 +101,51 @@ def save_checkpoint(
     return path
 
 
+def is_complete(path: Path) -> bool:
+    return path.is_dir() and (path / "trainer_state.pt").is_file()
+
+
 def list_checkpoints(checkpoints_dir: Path) -> list[Path]:
+    """Complete checkpoints, oldest first. Torn saves live under a hidden temporary name and never match."""
     if not checkpoints_dir.is_dir():
         return []
-    return sorted(p for p in checkpoints_dir.iterdir() if p.is_dir() and p.name.startswith(CHECKPOINT_PREFIX))
+    return sorted(
+        p for p in checkpoints_dir.iterdir() if p.name.startswith(CHECKPOINT_PREFIX) and is_complete(p)
+    )
+
+
+def latest_checkpoint(checkpoints_dir: Path) -> Path | None:
+    """The checkpoint `latest` names, or the newest complete one if the pointer is missing or stale."""
+    pointer = checkpoints_dir / "latest"
+    if pointer.is_file():
+        named = checkpoints_dir / pointer.read_text().strip()
+        if is_complete(named):
+            return named
+    found = list_checkpoints(checkpoints_dir)
+    return found[-1] if found else None
+
+
+def remove_torn_saves(checkpoints_dir: Path) -> None:
+    """Temporary folders left by a save that was killed (the checkpoint before it is intact)."""
+    if checkpoints_dir.is_dir():
+        for p in checkpoints_dir.iterdir():
+            if p.name.startswith(f".{CHECKPOINT_PREFIX}") and ".tmp-" in p.name:
+                shutil.rmtree(p, ignore_errors=True)
+
+
+def load_trainer_state(checkpoint: Path) -> dict[str, Any]:
+    # our own file, written by save_checkpoint: it holds numpy RNG state, which needs weights_only=False
+    return torch.load(checkpoint / "trainer_state.pt", weights_only=False)
+
+
+def restore_rng(state: dict[str, Any], generator: torch.Generator | None) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    if generator is not None and "sampler" in state:
+        generator.set_state(state["sampler"])
 
 
 def prune_checkpoints(checkpoints_dir: Path, keep_last_n: int) -> None:

@@ -32,8 +32,14 @@ from graft.rewards.builtin import BUILTIN_REWARDS, RewardFn, resolve_rewards
 from graft.rollout.sampler import Rollout, position_ids_from_mask, sample
 from graft.tasks import Problem, Task, build_task
 from graft.tracking import MetricsWriter, ProgressDisplay
-from graft.train.checkpoint import save_checkpoint, save_model
-from graft.train.run import RunDir, build_optimizer, set_seed
+from graft.train.checkpoint import (
+    load_trainer_state,
+    remove_torn_saves,
+    restore_rng,
+    save_checkpoint,
+    save_model,
+)
+from graft.train.run import RunDir, StopRequest, build_optimizer, set_seed
 
 
 @dataclass
@@ -80,6 +86,10 @@ class PromptOrder:
 
     def state(self) -> dict[str, int]:
         return {"epoch": self.epoch, "position": self.position}
+
+    def restore(self, state: dict[str, int]) -> None:
+        self.epoch, self.position = state["epoch"], state["position"]
+        self._order = self._shuffled()
 
 
 def rollout(
@@ -233,6 +243,7 @@ def update_policy(policy, optimizer, scheduler, batch: ScoredBatch, cfg: Config,
     B = r.completion_ids.shape[0]
     minibatch_size = B // g.num_minibatches
     losses, clip_fracs, kls, grad_norms = [], [], [], []
+    skipped = 0
     policy.train()
     for _ in range(g.num_iterations):
         for mb in torch.arange(B).split(minibatch_size):
@@ -274,10 +285,15 @@ def update_policy(policy, optimizer, scheduler, batch: ScoredBatch, cfg: Config,
                 if out.kl is not None:
                     kls.append(out.kl)
             max_norm = cfg.train.max_grad_norm if cfg.train.max_grad_norm is not None else float("inf")
-            grad_norms.append(torch.nn.utils.clip_grad_norm_(params, max_norm))
-            optimizer.step()
-            scheduler.step()
-            losses.append(step_loss)
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+            if torch.isfinite(step_loss) and torch.isfinite(grad_norm):
+                optimizer.step()
+                scheduler.step()
+                grad_norms.append(grad_norm)
+                losses.append(step_loss)
+            else:  # one bad batch must not poison the weights or Adam's moments: skip it, count it
+                optimizer.zero_grad(set_to_none=True)
+                skipped += 1
     policy.eval()
 
     def mean(xs: list) -> float | None:
@@ -289,6 +305,8 @@ def update_policy(policy, optimizer, scheduler, batch: ScoredBatch, cfg: Config,
         "clip_fraction": mean(clip_fracs),
         "kl": mean(kls),
         "lr": scheduler.get_last_lr()[0],
+        "nonfinite_skipped": skipped,
+        "optimizer_steps": g.num_iterations * g.num_minibatches,
     }
 
 
@@ -316,13 +334,53 @@ def step_metrics(batch: ScoredBatch, per_fn: dict[str, torch.Tensor], zero_varia
     return metrics
 
 
-def train(cfg: Config, console=None) -> Path:
-    """Run GRPO as configured; returns the run directory."""
-    run = RunDir.for_config(cfg)
+class TrainingInterrupted(Exception):
+    """The run stopped early on request (signal or stop_after) after saving a checkpoint at `step`."""
+
+    def __init__(self, step: int, run_dir: Path):
+        super().__init__(f"stopped after step {step}; checkpoint saved in {run_dir / 'checkpoints'}")
+        self.step, self.run_dir = step, run_dir
+
+
+class TrainingError(RuntimeError):
+    """The run cannot go on (e.g. updates that stay non-finite); the message says what to change."""
+
+
+def restore_checkpoint(checkpoint: Path, state: dict, policy, optimizer, scheduler, order, generator) -> None:
+    """Put the policy weights, optimizer, schedule, data position and every RNG back as they were saved."""
+    from safetensors.torch import load_file
+
+    if hasattr(policy, "peft_config"):
+        from peft import set_peft_model_state_dict
+
+        set_peft_model_state_dict(policy, load_file(checkpoint / "adapter_model.safetensors"))
+    else:
+        missing, unexpected = policy.load_state_dict(
+            load_file(checkpoint / "model.safetensors"), strict=False
+        )
+        if unexpected or [k for k in missing if "lm_head" not in k]:  # a tied head is saved once
+            raise TrainingError(f"checkpoint {checkpoint} does not match the model: missing {missing[:3]}")
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    order.restore(state["trainer_state"]["order"])
+    restore_rng(state["rng"], generator)
+
+
+def train(cfg: Config, console=None, stop_after: int | None = None) -> Path:
+    """Run GRPO as configured; returns the run directory. stop_after=k stops after step k exactly as a
+    Ctrl-C would (checkpoint, then TrainingInterrupted), for notebooks and tests."""
+    run, resume_from = RunDir.for_config(cfg)
     display = ProgressDisplay(cfg.train.max_steps, cfg.logging.progress, console)
+    state = load_trainer_state(resume_from) if resume_from else None
+    if state is not None:
+        saved_seed = state["trainer_state"]["config"]["train"]["seed"]
+        if saved_seed != cfg.train.seed:
+            display.print(f"[yellow]resuming with seed {saved_seed} from the checkpoint[/yellow] "
+                          f"(the config says {cfg.train.seed}; a run keeps the seed it started with)")  # fmt: skip
+            cfg.train.seed = saved_seed
     if cfg.logging.print_config:
         display.print(f"[bold]graft[/bold] run directory: {run.path}\n[dim]{escape(cfg.to_yaml())}[/dim]")
-    set_seed(cfg.train.seed, cfg.train.threads)
+    set_seed(cfg.train.seed, cfg.train.threads, cfg.train.deterministic)
 
     # Everything that can be wrong with the data or rewards fails here, before the model loads.
     task = build_task(cfg.task)
@@ -344,8 +402,16 @@ def train(cfg: Config, console=None) -> Path:
     optimizer, scheduler = build_optimizer(params, cfg)
     generator = torch.Generator(device=device).manual_seed(cfg.train.seed)
     order = PromptOrder(task, cfg.train.seed)
-    metrics_log = MetricsWriter(run.path / "metrics.jsonl")
-    eval_history: dict = {}
+    first_step, nonfinite_streak, eval_history = 1, 0, {}
+    if state is not None:
+        restore_checkpoint(resume_from, state, policy, optimizer, scheduler, order, generator)
+        first_step = state["step"] + 1
+        nonfinite_streak = state["trainer_state"].get("nonfinite_streak", 0)
+        eval_history = {k: v for k, v in run.read_json("eval.json").items() if v["step"] <= state["step"]}
+        display.print(f"resuming {run.path.name} from {resume_from.name} (step {state['step']})")
+    remove_torn_saves(run.path / "checkpoints")
+    # on resume, records after the checkpoint are redone; a fresh start in an old folder drops them all
+    metrics_log = MetricsWriter(run.path / "metrics.jsonl", keep_until_step=first_step - 1 if state else -1)
 
     def run_eval(tag: str, step: int) -> float:
         with merged_adapter(policy, cfg.generation.merge_adapter):
@@ -359,68 +425,87 @@ def train(cfg: Config, console=None) -> Path:
         return result.accuracy
 
     def checkpoint(step: int) -> None:
+        trainer_state = {
+            "order": order.state(),
+            "nonfinite_streak": nonfinite_streak,
+            "config": cfg.model_dump(mode="json"),
+        }
         save_checkpoint(
             run.path / "checkpoints", step, model=policy, tokenizer=tokenizer, optimizer=optimizer,
-            scheduler=scheduler, trainer_state={"order": order.state(), "config": cfg.model_dump(mode="json")},
-            generator=generator, keep_last_n=cfg.checkpoint.keep_last_n,
+            scheduler=scheduler, trainer_state=trainer_state, generator=generator,
+            keep_last_n=cfg.checkpoint.keep_last_n,
         )  # fmt: skip
 
     try:
-        if cfg.eval.at_start:
+        if cfg.eval.at_start and state is None:
             display.print("evaluating the base model on the held-out split ...")
             accuracy = run_eval("before", 0)
             display.print(f"held-out accuracy before training: {accuracy:.3f}")
             metrics_log.write({"step": 0, "eval/accuracy": accuracy})
-        display.start()
+        display.start(first_step - 1)
 
-        for step in range(1, cfg.train.max_steps + 1):
-            t0 = time.perf_counter()
-            problems = order.next_problems(cfg.train.prompts_per_step)
-            r = rollout(policy, tokenizer, task, problems, cfg, stop_ids, generator)
-            t1 = time.perf_counter()
+        with StopRequest() as stop:
+            for step in range(first_step, cfg.train.max_steps + 1):
+                t0 = time.perf_counter()
+                problems = order.next_problems(cfg.train.prompts_per_step)
+                r = rollout(policy, tokenizer, task, problems, cfg, stop_ids, generator)
+                t1 = time.perf_counter()
 
-            texts = decode_completions(tokenizer, r.completion_ids, r.completion_mask)
-            rewards, per_fn = score_completions(reward_fns, weights, task, problems, texts, r.group_size)
-            if correctness_name not in per_fn:  # accuracy is logged even when training on other rewards
-                per_fn.update(
-                    score_completions(
-                        [(correctness_name, correctness)], [1.0], task, problems, texts, r.group_size
-                    )[1]
+                texts = decode_completions(tokenizer, r.completion_ids, r.completion_mask)
+                rewards, per_fn = score_completions(reward_fns, weights, task, problems, texts, r.group_size)
+                if correctness_name not in per_fn:  # accuracy is logged even when training on other rewards
+                    extra = score_completions([(correctness_name, correctness)], [1.0], task, problems, texts,
+                                              r.group_size)  # fmt: skip
+                    per_fn.update(extra[1])
+                t2 = time.perf_counter()
+
+                advantages, zero_variance = algo.group_advantages(
+                    torch.nan_to_num(rewards, nan=0.0), r.group_size, cfg.grpo.scale_rewards
                 )
-            t2 = time.perf_counter()
+                reuse = (
+                    cfg.grpo.num_iterations > 1 or cfg.grpo.num_minibatches > 1
+                )  # batch outlives an update
+                old = frozen_logprobs(policy, r, cfg, device) if reuse else None
+                ref = None
+                if cfg.grpo.beta > 0:
+                    with policy.disable_adapter() if ref_model is None else contextlib.nullcontext():
+                        ref = frozen_logprobs(ref_model or policy, r, cfg, device)
+                batch = ScoredBatch(r, rewards, advantages, old, ref)
+                update = update_policy(policy, optimizer, scheduler, batch, cfg, device, params)
+                t3 = time.perf_counter()
 
-            advantages, zero_variance = algo.group_advantages(
-                torch.nan_to_num(rewards, nan=0.0), r.group_size, cfg.grpo.scale_rewards
-            )
-            reuse = cfg.grpo.num_iterations > 1 or cfg.grpo.num_minibatches > 1  # batch outlives one update
-            old = frozen_logprobs(policy, r, cfg, device) if reuse else None
-            ref = None
-            if cfg.grpo.beta > 0:
-                with policy.disable_adapter() if ref_model is None else contextlib.nullcontext():
-                    ref = frozen_logprobs(ref_model or policy, r, cfg, device)
-            batch = ScoredBatch(r, rewards, advantages, old, ref)
-            update = update_policy(policy, optimizer, scheduler, batch, cfg, device, params)
-            t3 = time.perf_counter()
-
-            metrics = {"step": step, **step_metrics(batch, per_fn, zero_variance), **update}
-            metrics["accuracy"] = (per_fn[correctness_name] >= 1.0).float().mean().item()
-            metrics.update(
-                {
-                    "tokens_per_s": int(r.completion_mask.sum()) / (t3 - t0),
-                    "time/step": t3 - t0,
-                    "time/rollout": t1 - t0,
-                    "time/reward": t2 - t1,
-                    "time/train": t3 - t2,
-                }
-            )
-            final_eval_follows = cfg.eval.at_end and step == cfg.train.max_steps
-            if cfg.eval.every_n_steps and step % cfg.eval.every_n_steps == 0 and not final_eval_follows:
-                metrics["eval/accuracy"] = run_eval(f"step_{step}", step)
-            last = step == cfg.train.max_steps
-            if last or (cfg.checkpoint.every_n_steps and step % cfg.checkpoint.every_n_steps == 0):
-                checkpoint(step)
-            metrics_log.write(metrics)
-            display.update(step, metrics)
+                metrics = {"step": step, **step_metrics(batch, per_fn, zero_variance), **update}
+                metrics["accuracy"] = (per_fn[correctness_name] >= 1.0).float().mean().item()
+                metrics.update(
+                    {
+                        "tokens_per_s": int(r.completion_mask.sum()) / (t3 - t0),
+                        "time/step": t3 - t0,
+                        "time/rollout": t1 - t0,
+                        "time/reward": t2 - t1,
+                        "time/train": t3 - t2,
+                    }
+                )
+                all_skipped = update["nonfinite_skipped"] == update["optimizer_steps"]
+                nonfinite_streak = nonfinite_streak + 1 if all_skipped else 0
+                if nonfinite_streak >= cfg.train.max_nonfinite_steps:
+                    metrics_log.write(metrics)
+                    raise TrainingError(
+                        f"step {step}: the loss or gradient was not finite in every update of the last "
+                        f"{nonfinite_streak} steps, so the weights were left as they were and the run stops. "
+                        f"Batch prompts: {[p.prompt for p in problems]}. Try a lower train.learning_rate, "
+                        "rewards on a sane scale (or grpo.scale_rewards=group), or train.max_grad_norm."
+                    )
+                final_eval_follows = cfg.eval.at_end and step == cfg.train.max_steps
+                if cfg.eval.every_n_steps and step % cfg.eval.every_n_steps == 0 and not final_eval_follows:
+                    metrics["eval/accuracy"] = run_eval(f"step_{step}", step)
+                stopping = stop.requested or step == stop_after
+                every = cfg.checkpoint.every_n_steps
+                if step == cfg.train.max_steps or stopping or (every and step % every == 0):
+                    checkpoint(step)
+                metrics_log.write(metrics)
+                display.update(step, metrics)
+                if stopping and step < cfg.train.max_steps:
+                    raise TrainingInterrupted(step, run.path)
 
         display.close()
         save_model(policy, tokenizer, run.path / "final")

@@ -5,15 +5,19 @@ from __future__ import annotations
 import json
 import os
 import random
+import signal
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 from rich.table import Table
 
 from graft.config import Config
+from graft.train.checkpoint import is_complete, latest_checkpoint
 
 
 class RunDirError(RuntimeError):
@@ -25,16 +29,28 @@ class RunDir:
     path: Path
 
     @classmethod
-    def for_config(cls, cfg: Config) -> RunDir:
-        """The run's directory, checked but not yet created (a run that fails to start leaves nothing)."""
+    def for_config(cls, cfg: Config) -> tuple[RunDir, Path | None]:
+        """(the run's directory, checked but not yet created; the checkpoint to resume from, if any)."""
+        if cfg.resume not in (None, "auto"):
+            checkpoint = Path(cfg.resume).expanduser()
+            if not is_complete(checkpoint):
+                raise RunDirError(
+                    f"resume={cfg.resume} is not a complete checkpoint folder (it needs trainer_state.pt); "
+                    "point it at runs/<name>/checkpoints/step-NNNNNN, or use resume=auto"
+                )
+            return cls(checkpoint.parent.parent), checkpoint
+        if cfg.resume == "auto" and not cfg.logging.run_name:
+            raise RunDirError("resume=auto needs logging.run_name=<the run to continue>")
         name = cfg.logging.run_name or f"{cfg.task.name}-{time.strftime('%Y%m%d-%H%M%S')}"
         path = Path(cfg.logging.output_dir) / name
+        if cfg.resume == "auto":
+            return cls(path), latest_checkpoint(path / "checkpoints")
         if path.exists() and any(path.iterdir()):
             raise RunDirError(
-                f"run directory {path} already exists and is not empty; pick another logging.run_name "
-                "or remove the folder"
+                f"run directory {path} already exists and is not empty; continue it with resume=auto, "
+                "pick another logging.run_name, or remove the folder"
             )
-        return cls(path)
+        return cls(path), None
 
     def create(self, cfg: Config) -> None:
         try:
@@ -45,6 +61,10 @@ class RunDir:
                 f"cannot write the run directory {self.path}: {exc.strerror}; "
                 "set logging.output_dir to a writable folder"
             ) from exc
+
+    def read_json(self, name: str) -> dict:
+        path = self.path / name
+        return json.loads(path.read_text()) if path.is_file() else {}
 
     def write_json(self, name: str, data: dict) -> None:
         tmp = self.path / f".{name}.tmp"
@@ -70,11 +90,42 @@ class RunDir:
         )
 
 
-def set_seed(seed: int, threads: int | None = None) -> None:
+def set_seed(seed: int, threads: int | None = None, deterministic: bool = False) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
     torch.set_num_threads(threads or os.cpu_count() or 1)
+    if deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # cuBLAS needs it for repeatable GEMMs
+        torch.use_deterministic_algorithms(True)
+
+
+class StopRequest:
+    """Turns the first Ctrl-C / SIGTERM into a request to stop after the current step (the loop then
+    checkpoints and exits); a second Ctrl-C aborts at once."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous: dict[int, Any] = {}
+
+    def _handle(self, signum, frame) -> None:
+        if self.requested and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.requested = True
+        name = signal.Signals(signum).name
+        print(
+            f"\ngraft: {name} received: finishing this step, then saving a checkpoint (Ctrl-C again aborts)"
+        )
+
+    def __enter__(self) -> StopRequest:
+        if threading.current_thread() is threading.main_thread():  # signals can only be caught there
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
 
 
 def build_optimizer(params: list[torch.nn.Parameter], cfg: Config):
