@@ -1,4 +1,4 @@
-"""`graft train | config | bench`: the command line."""
+"""`graft train | validate | config | bench`: the command line."""
 
 from __future__ import annotations
 
@@ -37,6 +37,16 @@ def cmd_train(args: argparse.Namespace, console: Console) -> int:
     return 0
 
 
+def cmd_validate(args: argparse.Namespace, console: Console) -> int:
+    cfg = load_config(args.config, args.overrides)
+    _quiet_libraries()
+    from graft.validate import validate_or_raise
+
+    memory = validate_or_raise(cfg)
+    console.print("[green]config OK[/green]" + (f"; memory estimate: {memory.describe()}" if memory else ""))
+    return 0
+
+
 def cmd_config(args: argparse.Namespace, console: Console) -> int:
     if args.keys:
         table = Table(title="graft config keys")
@@ -60,6 +70,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     train.add_argument("overrides", nargs="*", help="dotted overrides, e.g. grpo.beta=0.04 train.max_steps=3")
     train.set_defaults(func=cmd_train)
+
+    validate = sub.add_parser(
+        "validate", help="check a recipe (config, data, model, paths, disk, memory) alone"
+    )
+    validate.add_argument("config", nargs="?", help="YAML recipe")
+    validate.add_argument("overrides", nargs="*", help="dotted overrides")
+    validate.set_defaults(func=cmd_validate)
 
     config = sub.add_parser("config", help="print the resolved config, or every key with its help (--keys)")
     config.add_argument("config", nargs="?", help="YAML recipe")

@@ -111,11 +111,11 @@ def test_algorithm_variants_train(tiny_model_dir, tmp_path, overrides):
 
 
 def test_existing_run_directory_is_not_overwritten(tiny_model_dir, tmp_path):
-    from graft.train.run import RunDirError
+    from graft.config import ConfigError
 
     (tmp_path / "tiny").mkdir()
     (tmp_path / "tiny" / "metrics.jsonl").write_text("{}\n")
-    with pytest.raises(RunDirError, match="already exists"):
+    with pytest.raises(ConfigError, match="already exists"):
         train(tiny_config(tiny_model_dir, tmp_path))
 
 

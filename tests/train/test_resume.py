@@ -214,3 +214,35 @@ def test_signal_ends_the_step_writes_a_checkpoint_and_says_how_to_resume(tiny_mo
     assert step >= 1
     assert (tmp_path / "signalled" / "checkpoints" / latest / "trainer_state.pt").is_file()
     assert [m["step"] for m in metrics(tmp_path / "signalled") if "loss" in m] == list(range(1, step + 1))
+
+
+DISK_SCRIPT = """
+import resource, signal, sys
+import graft.train.grpo as grpo
+from graft.cli import main
+
+real_save = grpo.save_checkpoint
+
+def save_then_fill_the_disk(directory, step, **kw):
+    if step == 2:  # from the second checkpoint on, files may not grow past 8 KB: writes fail like a full disk
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (8192, 8192))
+    return real_save(directory, step, **kw)
+
+grpo.save_checkpoint = save_then_fill_the_disk
+sys.exit(main(["train", *{overrides!r}]))
+"""
+
+
+def test_disk_full_on_save_stops_cleanly_and_keeps_earlier_checkpoints(tiny_model_dir, tmp_path):
+    overrides = cli_overrides(tiny_model_dir, tmp_path, "full", "train.max_steps=4")
+    script = tmp_path / "full.py"
+    script.write_text(DISK_SCRIPT.format(overrides=overrides))
+    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert "could not write" in proc.stderr and "Checkpoints written before are intact" in proc.stderr
+    checkpoints = tmp_path / "full" / "checkpoints"
+    assert (checkpoints / "latest").read_text().strip() == "step-000001"
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["latest", "step-000001"]  # no torn folder left
+    run = train(load_config(None, [*overrides, "resume=auto"]))  # and the run goes on from it
+    assert [m["step"] for m in metrics(run) if "loss" in m] == [1, 2, 3, 4]

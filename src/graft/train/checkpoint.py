@@ -44,10 +44,11 @@ def _atomic_dir(target: Path, write) -> Path:
         if target.exists():
             shutil.rmtree(target)
         os.replace(tmp, target)
-    except OSError as exc:
+    except Exception as exc:  # OSError, safetensors' SafetensorError, torch.save's RuntimeError: all I/O here
         shutil.rmtree(tmp, ignore_errors=True)
+        reason = getattr(exc, "strerror", None) or str(exc).strip().splitlines()[-1]
         raise CheckpointError(
-            f"could not write {target} ({exc.strerror or exc}); free disk space or move logging.output_dir. "
+            f"could not write {target} ({reason}); free disk space or move logging.output_dir. "
             "Checkpoints written before are intact."
         ) from exc
     except BaseException:

@@ -40,6 +40,7 @@ from graft.train.checkpoint import (
     save_model,
 )
 from graft.train.run import RunDir, StopRequest, build_optimizer, set_seed
+from graft.validate import validate_or_raise
 
 
 @dataclass
@@ -369,8 +370,11 @@ def restore_checkpoint(checkpoint: Path, state: dict, policy, optimizer, schedul
 def train(cfg: Config, console=None, stop_after: int | None = None) -> Path:
     """Run GRPO as configured; returns the run directory. stop_after=k stops after step k exactly as a
     Ctrl-C would (checkpoint, then TrainingInterrupted), for notebooks and tests."""
+    memory = validate_or_raise(cfg)  # every config, data, path, disk and memory problem, before any loading
     run, resume_from = RunDir.for_config(cfg)
     display = ProgressDisplay(cfg.train.max_steps, cfg.logging.progress, console)
+    if memory is not None:
+        display.print(f"memory estimate: {memory.describe()}")
     state = load_trainer_state(resume_from) if resume_from else None
     if state is not None:
         saved_seed = state["trainer_state"]["config"]["train"]["seed"]

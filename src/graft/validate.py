@@ -1,0 +1,226 @@
+"""Checks that run before any weights load: task, rewards, model location, run directory, disk and memory.
+
+Every problem is collected and reported at once, each saying what is wrong and how to fix it.
+`graft validate recipe.yaml` runs these checks alone; `graft train` runs them first.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from graft.config import Config, ConfigError
+
+_HUB_ID = re.compile(r"^[\w.-]+(/[\w.-]+)?$")
+GiB = 1024**3
+
+
+@dataclass
+class MemoryEstimate:
+    """Peak bytes of a GRPO step, by part (rough, on the high side)."""
+
+    parts: dict[str, int]
+    available: int | None  # bytes free for the run on its device, None when unknown
+    device: str
+
+    @property
+    def total(self) -> int:
+        return sum(self.parts.values())
+
+    def describe(self) -> str:
+        rows = ", ".join(f"{k} {v / GiB:.2f}" for k, v in self.parts.items() if v)
+        free = f"{self.available / GiB:.1f} GiB available" if self.available else "availability unknown"
+        return f"~{self.total / GiB:.1f} GiB on {self.device} ({rows} GiB); {free}"
+
+
+def _model_shape(path: str, cfg: Config):
+    """(transformers config, parameter count, {linear layer name: (in, out)}) without allocating weights."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(path, trust_remote_code=cfg.model.trust_remote_code)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, trust_remote_code=cfg.model.trust_remote_code)
+    head = model.get_output_embeddings()
+    linears = {
+        name: (m.in_features, m.out_features)
+        for name, m in model.named_modules()
+        if isinstance(m, torch.nn.Linear) and m is not head
+    }
+    n_params = sum(p.numel() for p in model.parameters())
+    return config, n_params, linears
+
+
+def available_memory(device: torch.device) -> int | None:
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        with open("/proc/meminfo") as f:
+            info = dict(line.split(":", 1) for line in f)
+        return int(info["MemAvailable"].split()[0]) * 1024
+    except (OSError, KeyError, ValueError):
+        return None
+
+
+def estimate_memory(
+    cfg: Config, config, n_params: int, linears: dict, device: torch.device
+) -> MemoryEstimate:
+    from graft.models import resolve_dtype
+
+    dtype_bytes = torch.finfo(resolve_dtype(cfg.model.dtype, device)).bits // 8
+    hidden = config.hidden_size
+    layers = config.num_hidden_layers
+    heads = config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or hidden // heads
+    kv_dim = (getattr(config, "num_key_value_heads", None) or heads) * head_dim
+    ffn = getattr(config, "intermediate_size", 4 * hidden)
+    vocab = config.vocab_size
+    prompt = 256  # generous for chat-templated task prompts
+    tokens = prompt + cfg.generation.max_new_tokens
+    batch = cfg.train.prompts_per_step * cfg.grpo.num_generations
+    micro = min(cfg.train.micro_batch_size, batch)
+
+    parts = {"weights": n_params * dtype_bytes}
+    linear_params = sum(i * o for i, o in linears.values())
+    if cfg.lora.enabled:
+        targets = cfg.lora.target_modules
+        chosen = [v for k, v in linears.items() if targets == "all-linear" or k.rsplit(".", 1)[-1] in targets]
+        parts["adapter + Adam"] = sum(cfg.lora.r * (i + o) for i, o in chosen) * 16
+        if cfg.generation.merge_adapter:
+            parts["merged copy"] = linear_params * dtype_bytes
+    else:
+        parts["grads + Adam"] = n_params * (4 + 8)
+        if cfg.grpo.beta > 0:
+            parts["reference copy"] = n_params * dtype_bytes
+    parts["rollout KV + logits"] = batch * (tokens * layers * 2 * kv_dim * dtype_bytes + vocab * 16)
+    # activations kept for backward per token and layer: attention and MLP inputs (~6 hidden + 3 ffn)
+    parts["activations"] = micro * tokens * layers * (6 * hidden + 3 * ffn) * max(dtype_bytes, 2)
+    parts["log-prob chunks"] = 512 * vocab * 4 * 3
+    if device.type == "cpu":
+        parts["runtime"] = 600 * 1024**2  # Python, torch, tokenizer
+    return MemoryEstimate(parts, available_memory(device), str(device))
+
+
+def _memory_advice(est: MemoryEstimate, cfg: Config) -> str:
+    biggest = max(est.parts, key=est.parts.get)
+    micro = min(cfg.train.micro_batch_size, cfg.train.prompts_per_step * cfg.grpo.num_generations)
+    per_completion = est.parts["activations"] / micro
+    fits = int((0.9 * (est.available or 0) - (est.total - est.parts["activations"])) // per_completion)
+    advice = {
+        "activations": (
+            f"train.micro_batch_size={fits} would fit"
+            if fits >= 1
+            else f"lower generation.max_new_tokens (now {cfg.generation.max_new_tokens})"
+        )
+        + " (activations grow with micro_batch_size x tokens)",
+        "rollout KV + logits": "lower train.prompts_per_step or grpo.num_generations",
+        "merged copy": "set generation.merge_adapter=false",
+        "grads + Adam": "train a LoRA adapter (lora.enabled=true) or pick a smaller model",
+        "reference copy": "use LoRA (its reference costs nothing) or grpo.beta=0",
+        "weights": "pick a smaller model or model.dtype=bfloat16",
+    }.get(biggest, "lower train.micro_batch_size")
+    return f"the largest part is {biggest}: {advice}"
+
+
+def _check_model(cfg: Config) -> str | None:
+    from graft.models import BUILTIN_MODELS, BUILTIN_PREFIX, ModelError, _find_gguf
+
+    name = cfg.model.name
+    if name.startswith(BUILTIN_PREFIX):
+        key = name[len(BUILTIN_PREFIX) :]
+        if key not in BUILTIN_MODELS:
+            return f"'model.name': unknown built-in '{name}'; available: " + ", ".join(
+                BUILTIN_PREFIX + k for k in BUILTIN_MODELS
+            )
+        try:
+            _find_gguf(BUILTIN_MODELS[key])
+        except ModelError as exc:
+            return f"'model.name': {exc}"
+        return None
+    path = Path(name).expanduser()
+    if name.startswith(("/", "./", "../", "~")) or path.exists():
+        if not path.is_dir():
+            return f"'model.name': model folder '{name}' does not exist; check model.name"
+        if not (path / "config.json").is_file():
+            return f"'model.name': '{name}' has no config.json; point it at a saved transformers model folder"
+        return None
+    if not _HUB_ID.match(name):
+        return f"'model.name': '{name}' is neither a folder, a hub id (org/name) nor builtin:..."
+    return None
+
+
+def _writable_parent(path: Path) -> Path:
+    path = path.absolute()
+    while not path.exists():
+        path = path.parent
+    return path
+
+
+def check_run(cfg: Config, estimate: bool = True) -> tuple[list[str], MemoryEstimate | None]:
+    """(problems, memory estimate) for a resolved config; loads no weights."""
+    from graft.models import ModelError, resolve_device, resolve_model_path
+    from graft.rewards.builtin import resolve_rewards
+    from graft.tasks import build_task
+    from graft.train.run import RunDir, RunDirError
+
+    problems: list[str] = []
+    for check in (lambda: build_task(cfg.task), lambda: resolve_rewards(cfg.rewards.functions)):
+        try:
+            check()
+        except ConfigError as exc:
+            problems.append(str(exc))
+    model_problem = _check_model(cfg)
+    if model_problem:
+        problems.append(model_problem)
+    try:
+        RunDir.for_config(cfg)
+    except RunDirError as exc:
+        problems.append(str(exc))
+    out = _writable_parent(Path(cfg.logging.output_dir))
+    try:  # a real write: permission bits say nothing for root, read-only mounts or /proc
+        with tempfile.TemporaryFile(dir=out):
+            pass
+    except OSError as exc:
+        problems.append(
+            f"'logging.output_dir': cannot write in {out} ({exc.strerror}); choose a folder you can write to"
+        )
+    device = None
+    try:
+        device = resolve_device(cfg.model.device)
+    except ModelError as exc:
+        problems.append(f"'model.device': {exc}")
+
+    est = None
+    if estimate and model_problem is None and device is not None:
+        try:
+            config, n_params, linears = _model_shape(resolve_model_path(cfg.model), cfg)
+        except (OSError, ValueError, ModelError):
+            config = None  # a hub id with no network: the size is unknown until it downloads
+        if config is not None:
+            est = estimate_memory(cfg, config, n_params, linears, device)
+            if est.available and est.total > 0.95 * est.available:
+                problems.append(
+                    f"not enough memory: a step needs {est.describe()}; {_memory_advice(est, cfg)}"
+                )
+            free = shutil.disk_usage(out).free
+            per_checkpoint = est.parts.get("adapter + Adam", 0) + est.parts.get("grads + Adam", 0)
+            per_checkpoint += 0 if cfg.lora.enabled else est.parts["weights"]
+            needed = per_checkpoint * (cfg.checkpoint.keep_last_n + 2)
+            if needed > free:
+                problems.append(
+                    f"not enough disk: checkpoints need ~{needed / GiB:.1f} GiB in {out}, {free / GiB:.1f} GiB "
+                    "free; free space, move logging.output_dir, or lower checkpoint.keep_last_n"
+                )
+    return problems, est
+
+
+def validate_or_raise(cfg: Config) -> MemoryEstimate | None:
+    problems, est = check_run(cfg)
+    if problems:
+        raise ConfigError(f"{len(problems)} problem(s) found before loading the model:\n" + "\n".join(
+            f"  - {p}" for p in problems))  # fmt: skip
+    return est
