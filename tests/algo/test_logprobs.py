@@ -44,3 +44,30 @@ def test_half_precision_logits_give_float32_logprobs():
 def test_zero_temperature_is_refused():
     with pytest.raises(ValueError, match="temperature"):
         token_logprobs(torch.zeros(1, 1, 2), torch.zeros(1, 1, dtype=torch.long), temperature=0.0)
+
+
+def test_fused_head_matches_logits_then_logprobs_in_values_and_gradients():
+    from graft.algo import linear_token_logprobs
+
+    g = torch.Generator().manual_seed(0)
+    hidden = torch.randn(3, 5, 16, generator=g, requires_grad=True)
+    weight = torch.randn(40, 16, generator=g, requires_grad=True)
+    ids = torch.randint(0, 40, (3, 5), generator=g)
+    upstream = torch.randn(3, 5, generator=g)  # advantage-like weights per token
+    fused = linear_token_logprobs(hidden, weight, ids, temperature=0.7, chunk_rows=4)  # 15 rows, 4 chunks
+    fused_grads = torch.autograd.grad((fused * upstream).sum(), [hidden, weight])
+    plain = token_logprobs(hidden @ weight.T, ids, temperature=0.7)
+    plain_grads = torch.autograd.grad((plain * upstream).sum(), [hidden, weight])
+    assert torch.allclose(fused, plain, atol=1e-5)
+    for a, b in zip(fused_grads, plain_grads, strict=True):
+        assert torch.allclose(a, b, atol=1e-5)
+
+
+def test_fused_head_by_hand():
+    from graft.algo import linear_token_logprobs
+
+    # hidden [1, 0] picks the first column of the weight: logits ln(1), ln(2), ln(5) again
+    weight = torch.log(torch.tensor([[1.0, 0.0], [2.0, 0.0], [5.0, 0.0]]).clamp(min=1e-30))
+    weight[:, 1] = 0.0
+    out = linear_token_logprobs(torch.tensor([[[1.0, 0.0]]]), weight, torch.tensor([[2]]))
+    assert out.item() == pytest.approx(math.log(5 / 8), abs=1e-6)
