@@ -152,3 +152,23 @@ def restore_rng(state: dict[str, Any], generator: torch.Generator | None) -> Non
 def prune_checkpoints(checkpoints_dir: Path, keep_last_n: int) -> None:
     for old in list_checkpoints(checkpoints_dir)[:-keep_last_n]:
         shutil.rmtree(old, ignore_errors=True)
+
+
+def restore_checkpoint(checkpoint: Path, state: dict, policy, optimizer, scheduler, order, generator) -> None:
+    """Put the policy weights, optimizer, schedule, data position and every RNG back as they were saved."""
+    from safetensors.torch import load_file
+
+    if hasattr(policy, "peft_config"):
+        from peft import set_peft_model_state_dict
+
+        set_peft_model_state_dict(policy, load_file(checkpoint / "adapter_model.safetensors"))
+    else:
+        missing, unexpected = policy.load_state_dict(
+            load_file(checkpoint / "model.safetensors"), strict=False
+        )
+        if unexpected or [k for k in missing if "lm_head" not in k]:  # a tied head is saved once
+            raise CheckpointError(f"checkpoint {checkpoint} does not match the model: missing {missing[:3]}")
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    order.restore(state["trainer_state"]["order"])
+    restore_rng(state["rng"], generator)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import random
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,11 +34,11 @@ from graft.tracking import MetricsWriter, ProgressDisplay
 from graft.train.checkpoint import (
     load_trainer_state,
     remove_torn_saves,
-    restore_rng,
+    restore_checkpoint,
     save_checkpoint,
     save_model,
 )
-from graft.train.run import RunDir, StopRequest, build_optimizer, set_seed
+from graft.train.run import PromptOrder, RunDir, StopRequest, build_optimizer, set_seed
 from graft.validate import validate_or_raise
 
 
@@ -55,42 +54,6 @@ class ScoredBatch:
 
 
 # --------------------------------------------------------------------------------------------- rollout
-
-
-class PromptOrder:
-    """Training problems in a seeded shuffled order, reshuffled every epoch; its state goes in checkpoints."""
-
-    def __init__(self, task: Task, seed: int):
-        self.task = task
-        self.seed = seed
-        self.epoch = 0
-        self.position = 0
-        self._order = self._shuffled()
-
-    def _shuffled(self) -> list[int]:
-        order = list(range(len(self.task.train)))
-        random.Random(self.seed * 1_000_003 + self.epoch).shuffle(order)
-        return order
-
-    def take(self, n: int) -> list[int]:
-        out = []
-        while len(out) < n:
-            if self.position == len(self._order):
-                self.epoch, self.position = self.epoch + 1, 0
-                self._order = self._shuffled()
-            out.append(self._order[self.position])
-            self.position += 1
-        return out
-
-    def next_problems(self, n: int) -> list[Problem]:
-        return [self.task.train[i] for i in self.take(n)]
-
-    def state(self) -> dict[str, int]:
-        return {"epoch": self.epoch, "position": self.position}
-
-    def restore(self, state: dict[str, int]) -> None:
-        self.epoch, self.position = state["epoch"], state["position"]
-        self._order = self._shuffled()
 
 
 def rollout(
@@ -347,26 +310,6 @@ class TrainingError(RuntimeError):
     """The run cannot go on (e.g. updates that stay non-finite); the message says what to change."""
 
 
-def restore_checkpoint(checkpoint: Path, state: dict, policy, optimizer, scheduler, order, generator) -> None:
-    """Put the policy weights, optimizer, schedule, data position and every RNG back as they were saved."""
-    from safetensors.torch import load_file
-
-    if hasattr(policy, "peft_config"):
-        from peft import set_peft_model_state_dict
-
-        set_peft_model_state_dict(policy, load_file(checkpoint / "adapter_model.safetensors"))
-    else:
-        missing, unexpected = policy.load_state_dict(
-            load_file(checkpoint / "model.safetensors"), strict=False
-        )
-        if unexpected or [k for k in missing if "lm_head" not in k]:  # a tied head is saved once
-            raise TrainingError(f"checkpoint {checkpoint} does not match the model: missing {missing[:3]}")
-    optimizer.load_state_dict(state["optimizer"])
-    scheduler.load_state_dict(state["scheduler"])
-    order.restore(state["trainer_state"]["order"])
-    restore_rng(state["rng"], generator)
-
-
 def train(cfg: Config, console=None, stop_after: int | None = None) -> Path:
     """Run GRPO as configured; returns the run directory. stop_after=k stops after step k exactly as a
     Ctrl-C would (checkpoint, then TrainingInterrupted), for notebooks and tests."""
@@ -381,9 +324,11 @@ def train(cfg: Config, console=None, stop_after: int | None = None) -> Path:
         if saved_seed != cfg.train.seed:
             display.print(f"[yellow]resuming with seed {saved_seed} from the checkpoint[/yellow] "
                           f"(the config says {cfg.train.seed}; a run keeps the seed it started with)")  # fmt: skip
+            cfg = cfg.model_copy(deep=True)  # the caller's config object stays as given
             cfg.train.seed = saved_seed
     if cfg.logging.print_config:
         display.print(f"[bold]graft[/bold] run directory: {run.path}\n[dim]{escape(cfg.to_yaml())}[/dim]")
+    deterministic_before = torch.are_deterministic_algorithms_enabled()  # process-wide: put back at the end
     set_seed(cfg.train.seed, cfg.train.threads, cfg.train.deterministic)
 
     # Everything that can be wrong with the data or rewards fails here, before the model loads.
@@ -519,5 +464,6 @@ def train(cfg: Config, console=None, stop_after: int | None = None) -> Path:
     finally:
         display.close()
         metrics_log.close()
+        torch.use_deterministic_algorithms(deterministic_before)
     run.print_summary(display, eval_history)
     return run.path
