@@ -71,9 +71,8 @@ def evaluate(
             greedy=True,
         )
         texts = decode_completions(tokenizer, rollout.completion_ids, rollout.completion_mask)
-        answers = [p.answer for p in chunk]
-        columns = {k: [p.columns.get(k) for p in chunk] for k in (chunk[0].columns if chunk else {})}
-        scores = correctness([task.messages(p) for p in chunk], texts, answer=answers, **columns)
+        prompts, columns = task.reward_inputs(chunk)
+        scores = correctness(prompts, texts, **columns)
         correct += sum(1.0 for s in scores if s is not None and s >= 1.0)
         lengths.extend(rollout.completion_lengths.tolist())
         truncated += int(rollout.truncated.sum())

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import importlib.metadata
 import os
+import re
 import shutil
 import tempfile
 import time
@@ -88,16 +89,42 @@ def _convert_gguf(gguf: Path, target: Path) -> None:
         raise
 
 
+_HUB_ID = re.compile(r"^[\w.-]+(/[\w.-]+)?$")
+
+
+def model_location_problem(name: str) -> str | None:
+    """Why `name` cannot be loaded, checked without loading or downloading anything (None: looks fine).
+    A hub id can only be checked for its shape here; whether it exists is known when it downloads."""
+    if name.startswith(BUILTIN_PREFIX):
+        key = name[len(BUILTIN_PREFIX) :]
+        if key not in BUILTIN_MODELS:
+            return f"unknown built-in '{name}'; available: " + ", ".join(
+                BUILTIN_PREFIX + k for k in BUILTIN_MODELS
+            )
+        try:
+            _find_gguf(BUILTIN_MODELS[key])
+        except ModelError as exc:
+            return str(exc)
+        return None
+    path = Path(name).expanduser()
+    if name.startswith(("/", "./", "../", "~")) or path.exists():
+        if not path.is_dir():
+            return f"model folder '{name}' does not exist; check model.name"
+        if not (path / "config.json").is_file():
+            return f"'{name}' has no config.json; point it at a saved transformers model folder"
+        return None
+    if not _HUB_ID.match(name):
+        return f"'{name}' is neither a folder, a hub id (org/name) nor builtin:..."
+    return None
+
+
 def resolve_model_path(cfg: ModelConfig) -> str:
     """Turn model.name into something `from_pretrained` takes: a cached folder for built-ins, else as given."""
     if not cfg.name.startswith(BUILTIN_PREFIX):
         return cfg.name
     key = cfg.name[len(BUILTIN_PREFIX) :]
     if key not in BUILTIN_MODELS:
-        raise ModelError(
-            f"unknown built-in model '{cfg.name}'; available: "
-            + ", ".join(BUILTIN_PREFIX + k for k in BUILTIN_MODELS)
-        )
+        raise ModelError(model_location_problem(cfg.name))
     spec = BUILTIN_MODELS[key]
     target = Path(cfg.cache_dir).expanduser() if cfg.cache_dir else default_cache_dir()
     target = target / "models" / key
@@ -147,9 +174,10 @@ def load_model(cfg: ModelConfig, device: torch.device | None = None):
     """Load (model, tokenizer) in eval mode on the configured device, for hub ids, folders and built-ins."""
     from transformers import AutoModelForCausalLM
 
+    problem = model_location_problem(cfg.name)
+    if problem:
+        raise ModelError(problem)
     path = resolve_model_path(cfg)
-    if path.startswith(("/", "./", "../", "~")) and not Path(path).expanduser().is_dir():
-        raise ModelError(f"model folder '{path}' does not exist; check model.name")
     path = str(Path(path).expanduser()) if path.startswith("~") else path
     device = device or resolve_device(cfg.device)
     dtype = resolve_dtype(cfg.dtype, device)

@@ -6,7 +6,6 @@ Every problem is collected and reported at once, each saying what is wrong and h
 
 from __future__ import annotations
 
-import re
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -16,7 +15,6 @@ import torch
 
 from graft.config import Config, ConfigError
 
-_HUB_ID = re.compile(r"^[\w.-]+(/[\w.-]+)?$")
 GiB = 1024**3
 
 
@@ -126,33 +124,6 @@ def _memory_advice(est: MemoryEstimate, cfg: Config) -> str:
     return f"the largest part is {biggest}: {advice}"
 
 
-def _check_model(cfg: Config) -> str | None:
-    from graft.models import BUILTIN_MODELS, BUILTIN_PREFIX, ModelError, _find_gguf
-
-    name = cfg.model.name
-    if name.startswith(BUILTIN_PREFIX):
-        key = name[len(BUILTIN_PREFIX) :]
-        if key not in BUILTIN_MODELS:
-            return f"'model.name': unknown built-in '{name}'; available: " + ", ".join(
-                BUILTIN_PREFIX + k for k in BUILTIN_MODELS
-            )
-        try:
-            _find_gguf(BUILTIN_MODELS[key])
-        except ModelError as exc:
-            return f"'model.name': {exc}"
-        return None
-    path = Path(name).expanduser()
-    if name.startswith(("/", "./", "../", "~")) or path.exists():
-        if not path.is_dir():
-            return f"'model.name': model folder '{name}' does not exist; check model.name"
-        if not (path / "config.json").is_file():
-            return f"'model.name': '{name}' has no config.json; point it at a saved transformers model folder"
-        return None
-    if not _HUB_ID.match(name):
-        return f"'model.name': '{name}' is neither a folder, a hub id (org/name) nor builtin:..."
-    return None
-
-
 def _writable_parent(path: Path) -> Path:
     path = path.absolute()
     while not path.exists():
@@ -162,7 +133,7 @@ def _writable_parent(path: Path) -> Path:
 
 def check_run(cfg: Config, estimate: bool = True) -> tuple[list[str], MemoryEstimate | None]:
     """(problems, memory estimate) for a resolved config; loads no weights."""
-    from graft.models import ModelError, resolve_device, resolve_model_path
+    from graft.models import ModelError, model_location_problem, resolve_device, resolve_model_path
     from graft.rewards.builtin import resolve_rewards
     from graft.tasks import build_task
     from graft.train.run import RunDir, RunDirError
@@ -173,9 +144,9 @@ def check_run(cfg: Config, estimate: bool = True) -> tuple[list[str], MemoryEsti
             check()
         except ConfigError as exc:
             problems.append(str(exc))
-    model_problem = _check_model(cfg)
+    model_problem = model_location_problem(cfg.model.name)
     if model_problem:
-        problems.append(model_problem)
+        problems.append(f"'model.name': {model_problem}")
     try:
         RunDir.for_config(cfg)
     except RunDirError as exc:

@@ -60,12 +60,13 @@ def _atomic_dir(target: Path, write) -> Path:
 def save_model(model, tokenizer, target: Path) -> Path:
     """The adapter (LoRA) or the full model, with the tokenizer, loadable by PEFT / transformers."""
 
-    def write(tmp: Path) -> None:
-        model.save_pretrained(tmp)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
+    return _atomic_dir(target, lambda tmp: _write_model(model, tokenizer, tmp))
 
-    return _atomic_dir(target, write)
+
+def _write_model(model, tokenizer, folder: Path) -> None:
+    model.save_pretrained(folder)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(folder)
 
 
 def save_checkpoint(
@@ -83,8 +84,7 @@ def save_checkpoint(
     """Everything needed to continue the run at `step`: weights, optimizer, scheduler, data position, RNGs."""
 
     def write(tmp: Path) -> None:
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
+        _write_model(model, tokenizer, tmp)
         torch.save(
             {
                 "step": step,

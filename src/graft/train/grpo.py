@@ -88,11 +88,7 @@ def score_completions(
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """(total (B,), per-function (B,) each). Rewards see the chat messages, the completion text and every
     dataset column (here `answer`), repeated for each completion of a group."""
-    per_completion = [p for p in problems for _ in range(group_size)]
-    prompts = [task.messages(p) for p in per_completion]
-    columns = {"answer": [p.answer for p in per_completion]}
-    for key in per_completion[0].columns:
-        columns[key] = [p.columns.get(key) for p in per_completion]
+    prompts, columns = task.reward_inputs([p for p in problems for _ in range(group_size)])
     per_fn = {}
     for name, fn in reward_fns:
         values = fn(prompts, completions, **columns)
