@@ -1,8 +1,9 @@
-"""`graft train | validate | config | bench`: the command line."""
+"""`graft train | validate | config | completions | doctor | bench`: the command line."""
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 
@@ -47,6 +48,30 @@ def cmd_validate(args: argparse.Namespace, console: Console) -> int:
     return 0
 
 
+def cmd_doctor(args: argparse.Namespace, console: Console) -> int:
+    from graft.doctor import print_report, report
+
+    data = report()
+    if args.json:
+        print(json.dumps(data, indent=2))
+    else:
+        print_report(console, data)
+    return 0
+
+
+def cmd_completions(args: argparse.Namespace, console: Console) -> int:
+    from pathlib import Path
+
+    from graft.tracking import read_completions, render_completions
+
+    path = Path(args.run) / "completions.jsonl"
+    if not path.is_file():
+        raise ConfigError(f"{path} does not exist; pass a run directory such as runs/<name>")
+    rows = read_completions(path, step=args.step, min_reward=args.min_reward, max_reward=args.max_reward)
+    console.print(render_completions(rows[: args.limit], title=f"{len(rows)} completion(s) in {args.run}"))
+    return 0
+
+
 def cmd_config(args: argparse.Namespace, console: Console) -> int:
     if args.keys:
         table = Table(title="graft config keys")
@@ -78,6 +103,18 @@ def build_parser() -> argparse.ArgumentParser:
     validate.add_argument("overrides", nargs="*", help="dotted overrides")
     validate.set_defaults(func=cmd_validate)
 
+    doctor = sub.add_parser("doctor", help="environment report for bug reports (versions, devices, caches)")
+    doctor.add_argument("--json", action="store_true", help="machine-readable output")
+    doctor.set_defaults(func=cmd_doctor)
+
+    comp = sub.add_parser("completions", help="browse a run's completion log, filtered by step and reward")
+    comp.add_argument("run", help="run directory, e.g. runs/arithmetic-20261123-120000")
+    comp.add_argument("--step", type=int, help="only this step")
+    comp.add_argument("--min-reward", type=float, help="only completions scoring at least this")
+    comp.add_argument("--max-reward", type=float, help="only completions scoring at most this")
+    comp.add_argument("--limit", type=int, default=20, help="rows to show (default 20)")
+    comp.set_defaults(func=cmd_completions)
+
     config = sub.add_parser("config", help="print the resolved config, or every key with its help (--keys)")
     config.add_argument("config", nargs="?", help="YAML recipe")
     config.add_argument("overrides", nargs="*", help="dotted overrides")
@@ -104,7 +141,8 @@ def main(argv: list[str] | None = None) -> int:
 
         return bench_main(argv[1:])
     args = build_parser().parse_args(argv)
-    _split_config_arg(args)
+    if args.command in ("train", "validate", "config"):
+        _split_config_arg(args)
     # soft_wrap: long paths and messages stay on one line (copyable), the terminal wraps them if it must
     console = Console(soft_wrap=True)
     err = Console(stderr=True, soft_wrap=True)

@@ -180,6 +180,35 @@ class LoggingConfig(_Section):
         "auto", description="live progress bar, or one plain line per step (auto: bar on a terminal)"
     )
     print_config: bool = Field(True, description="print the resolved config at start")
+    report_to: list[Literal["jsonl", "tensorboard", "wandb", "trackio", "mlflow"]] = Field(
+        [], description="trackers besides metrics.jsonl (always written): tensorboard, wandb, trackio, mlflow"
+    )
+    project: str = Field("graft", description="project / experiment name in wandb, trackio and mlflow")
+    wandb_mode: Literal["offline", "online"] = Field(
+        "offline", description="wandb offline needs no login or network (sync later with `wandb sync`)"
+    )
+    mlflow_uri: str | None = Field(None, description="mlflow tracking URI (default: a file store in the run)")
+    completions_every: int = Field(10, ge=0, description="print a table of a few completions every N steps")
+
+
+class HealthConfig(_Section):
+    window: int = Field(5, ge=1, description="steps averaged by the windowed alarms")
+    truncation_max: float = Field(
+        0.5, ge=0, le=1, description="alarm when more completions than this hit the limit"
+    )
+    zero_variance_max: float = Field(
+        0.8, ge=0, le=1, description="alarm when more groups than this have no signal"
+    )
+    entropy_collapse_ratio: float = Field(
+        0.2, ge=0, le=1, description="alarm when token entropy falls below this share of its starting value"
+    )
+    length_drift_ratio: float = Field(
+        2.0, gt=1, description="alarm when mean completion length moves by this factor from its start"
+    )
+    kl_max: float = Field(1.0, gt=0, description="alarm when the KL to the reference exceeds this")
+    format_gap: float = Field(
+        0.3, gt=0, description="alarm when a format reward rises by this much while accuracy stays flat"
+    )
 
 
 class Config(_Section):
@@ -193,6 +222,7 @@ class Config(_Section):
     eval: EvalConfig = Field(default_factory=EvalConfig, description="held-out evaluation")
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig, description="checkpoints")
     logging: LoggingConfig = Field(default_factory=LoggingConfig, description="run directory and console")
+    health: HealthConfig = Field(default_factory=HealthConfig, description="training-health alarm thresholds")
     resume: str | None = Field(
         None,
         description="'auto' = continue logging.run_name from its latest good checkpoint (or start it), "

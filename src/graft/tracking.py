@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
@@ -19,6 +20,7 @@ from rich.progress import (
     TimeElapsedColumn,
     TimeRemainingColumn,
 )
+from rich.table import Table
 
 
 def _jsonable(value: Any) -> Any:
@@ -46,10 +48,175 @@ class MetricsWriter:
 
     def write(self, record: dict[str, Any]) -> None:
         self._file.write(json.dumps({k: _jsonable(v) for k, v in record.items()}) + "\n")
+        self._file.flush()
 
     def close(self) -> None:
         self._file.close()
 
+
+# ------------------------------------------------------------------------------------------- sinks
+
+
+class Sink:
+    """A metrics destination. The base class does nothing, so the loop never asks which trackers are on."""
+
+    def log(self, step: int, metrics: dict[str, float]) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+class TensorBoardSink(Sink):
+    def __init__(self, run_dir: Path):
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.writer = SummaryWriter(log_dir=str(run_dir / "tensorboard"))
+
+    def log(self, step: int, metrics: dict[str, float]) -> None:
+        for key, value in metrics.items():
+            self.writer.add_scalar(key, value, step)
+        self.writer.flush()
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+class WandbSink(Sink):
+    def __init__(self, run_dir: Path, project: str, mode: str, config: dict):
+        os.environ.setdefault("WANDB_SILENT", "true")
+        import wandb
+
+        self.run = wandb.init(project=project, name=run_dir.name, dir=str(run_dir), mode=mode, config=config)
+
+    def log(self, step: int, metrics: dict[str, float]) -> None:
+        self.run.log(metrics, step=step)
+
+    def close(self) -> None:
+        self.run.finish()
+
+
+class TrackioSink(Sink):
+    def __init__(self, run_dir: Path, project: str, config: dict):
+        os.environ.setdefault("TRACKIO_DIR", str(run_dir / "trackio"))  # read when trackio is first imported
+        import trackio
+
+        self.trackio = trackio
+        trackio.init(
+            project=project, name=run_dir.name, config=config, auto_log_cpu=False, auto_log_gpu=False
+        )
+
+    def log(self, step: int, metrics: dict[str, float]) -> None:
+        self.trackio.log(metrics, step=step)
+
+    def close(self) -> None:
+        self.trackio.finish()
+
+
+class MlflowSink(Sink):
+    def __init__(self, run_dir: Path, project: str, uri: str | None, config: dict):
+        os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")  # a local file store needs no server
+        import mlflow
+
+        self.mlflow = mlflow
+        mlflow.set_tracking_uri(uri or (run_dir / "mlruns").absolute().as_uri())
+        mlflow.set_experiment(project)
+        mlflow.start_run(run_name=run_dir.name)
+        mlflow.log_params({k: str(v)[:500] for k, v in _flatten(config).items()})
+
+    def log(self, step: int, metrics: dict[str, float]) -> None:
+        self.mlflow.log_metrics(metrics, step=step)
+
+    def close(self) -> None:
+        self.mlflow.end_run()
+
+
+# which package each tracker needs, for a clear error before the run starts
+TRACKER_PACKAGES = {"tensorboard": "tensorboard", "wandb": "wandb", "trackio": "trackio", "mlflow": "mlflow"}
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict:
+    flat = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def make_sink(name: str, run_dir: Path, cfg) -> Sink:
+    config = cfg.model_dump(mode="json")
+    log = cfg.logging
+    if name == "tensorboard":
+        return TensorBoardSink(run_dir)
+    if name == "wandb":
+        return WandbSink(run_dir, log.project, log.wandb_mode, config)
+    if name == "trackio":
+        return TrackioSink(run_dir, log.project, config)
+    if name == "mlflow":
+        return MlflowSink(run_dir, log.project, log.mlflow_uri, config)
+    return Sink()  # "jsonl": metrics.jsonl is always written
+
+
+class Tracker:
+    """metrics.jsonl plus every configured tracker; the completion log beside them."""
+
+    def __init__(self, run_dir: Path, cfg, keep_until_step: int | None = None):
+        self.jsonl = MetricsWriter(run_dir / "metrics.jsonl", keep_until_step)
+        self.completions = MetricsWriter(run_dir / "completions.jsonl", keep_until_step)
+        self.sinks = [make_sink(name, run_dir, cfg) for name in dict.fromkeys(cfg.logging.report_to)]
+
+    def write(self, record: dict[str, Any]) -> None:
+        self.jsonl.write(record)
+        step = int(record["step"])
+        numeric = {
+            k: float(_jsonable(v))
+            for k, v in record.items()
+            if k != "step" and isinstance(_jsonable(v), int | float) and not isinstance(v, bool)
+            and math.isfinite(float(_jsonable(v)))
+        }  # fmt: skip
+        for sink in self.sinks:
+            sink.log(step, numeric)
+
+    def write_completions(self, rows: list[dict[str, Any]]) -> None:
+        for row in rows:
+            self.completions.write(row)
+
+    def close(self) -> None:
+        self.jsonl.close()
+        self.completions.close()
+        for sink in self.sinks:
+            sink.close()
+
+
+# ------------------------------------------------------------------------------------------- completions
+
+
+def read_completions(
+    path: Path, step: int | None = None, min_reward: float | None = None, max_reward: float | None = None
+) -> list[dict[str, Any]]:
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [
+        r
+        for r in rows
+        if (step is None or r["step"] == step)
+        and (min_reward is None or r["reward"] >= min_reward)
+        and (max_reward is None or r["reward"] <= max_reward)
+    ]
+
+
+def render_completions(rows: list[dict[str, Any]], title: str) -> Table:
+    table = Table(title=title, show_lines=True)
+    for col in ("step", "prompt", "completion", "answer", "reward", "advantage"):
+        table.add_column(col, overflow="fold")
+    for row in rows:
+        table.add_row(str(row["step"]), escape(row["prompt"]), escape(row["completion"][:300]), escape(row["answer"]),
+                      f"{row['reward']:.2f}", f"{row['advantage']:+.2f}")  # fmt: skip
+    return table
+
+
+# ------------------------------------------------------------------------------------------- console
 
 # Metrics shown on the progress line, with their short labels.
 _SHOWN = (
@@ -119,6 +286,12 @@ class ProgressDisplay:
                 f"step {step}/{self.total}  {line}  [{elapsed:.0f}s elapsed, eta {eta:.0f}s]", soft_wrap=True
             )
             self.console.file.flush()  # pipes and CI logs are block-buffered: show each step as it ends
+
+    def completions_table(self, step: int, rows: list[dict[str, Any]], n: int = 4) -> None:
+        """The best and the worst completions of a step, side by side with their scores."""
+        ranked = sorted(rows, key=lambda row: row["reward"], reverse=True)
+        shown = ranked[: n // 2] + ranked[-(n - n // 2) :] if len(ranked) > n else ranked
+        self.print(render_completions(shown, title=f"completions at step {step} (best and worst)"))
 
     def print(self, *args: Any, **kwargs: Any) -> None:
         self.console.print(*args, **kwargs)

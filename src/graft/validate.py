@@ -6,6 +6,7 @@ Every problem is collected and reported at once, each saying what is wrong and h
 
 from __future__ import annotations
 
+import importlib.util
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -144,6 +145,13 @@ def check_run(cfg: Config, estimate: bool = True) -> tuple[list[str], MemoryEsti
             check()
         except ConfigError as exc:
             problems.append(str(exc))
+    from graft.tracking import TRACKER_PACKAGES
+
+    for name in cfg.logging.report_to:
+        module = TRACKER_PACKAGES.get(name)
+        if module and importlib.util.find_spec(module) is None:
+            problems.append(f"'logging.report_to': {name} is not installed; pip install 'graft[tracking]' "
+                            f"(or pip install {module}), or drop it from report_to")  # fmt: skip
     model_problem = model_location_problem(cfg.model.name)
     if model_problem:
         problems.append(f"'model.name': {model_problem}")

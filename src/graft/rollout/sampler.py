@@ -21,6 +21,7 @@ class Rollout:
     logprobs: torch.Tensor  # (B, T) float32 log-prob of each sampled token under the sampler (0 on padding)
     truncated: torch.Tensor  # (B,) bool: hit max_new_tokens without a stop token
     group_size: int
+    entropy: torch.Tensor | None = None  # (B, T) entropy of the sampling distribution (0 on padding)
 
     @property
     def completion_lengths(self) -> torch.Tensor:  # (B,)
@@ -116,6 +117,7 @@ def sample(
     B = prompt_ids.shape[0]
     tokens = torch.full((B, max_new_tokens), pad_id, dtype=torch.long, device=device)
     token_logprobs = torch.zeros((B, max_new_tokens), dtype=torch.float32, device=device)
+    token_entropy = torch.zeros((B, max_new_tokens), dtype=torch.float32, device=device)
     active = torch.arange(B, device=device)  # rows still decoding, in the order the cache holds them
     attention_mask = prompt_mask
     next_position = prompt_mask.sum(dim=1, keepdim=True)  # (B, 1)
@@ -135,6 +137,7 @@ def sample(
             token = _sample_categorical(filtered, generator)
         tokens[active, step] = token
         token_logprobs[active, step] = logp.gather(1, token[:, None]).squeeze(1)
+        token_entropy[active, step] = torch.special.entr(logp.exp()).sum(dim=-1)  # health: entropy collapse
         if step == max_new_tokens - 1:
             break
         running = ~torch.isin(token, stop)
@@ -167,4 +170,5 @@ def sample(
         logprobs=token_logprobs[:, :width] * completion_mask,
         truncated=~has_stop,
         group_size=group_size,
+        entropy=token_entropy[:, :width] * completion_mask,
     )

@@ -19,6 +19,7 @@ from rich.markup import escape
 from graft import algo
 from graft.config import Config
 from graft.eval import decode_completions, encode_prompts, evaluate
+from graft.health import HealthMonitor
 from graft.models import (
     add_lora,
     load_model,
@@ -30,7 +31,7 @@ from graft.models import (
 from graft.rewards.builtin import BUILTIN_REWARDS, RewardFn, resolve_rewards
 from graft.rollout.sampler import Rollout, position_ids_from_mask, sample
 from graft.tasks import Problem, Task, build_task
-from graft.tracking import MetricsWriter, ProgressDisplay
+from graft.tracking import ProgressDisplay, Tracker
 from graft.train.checkpoint import (
     load_trainer_state,
     remove_torn_saves,
@@ -282,6 +283,8 @@ def step_metrics(batch: ScoredBatch, per_fn: dict[str, torch.Tensor], zero_varia
     }
     for name, values in per_fn.items():
         metrics[f"reward/{name}/mean"] = values.nanmean().item()
+    if r.entropy is not None:
+        metrics["entropy"] = (r.entropy.sum() / r.completion_mask.sum().clamp(min=1)).item()
     metrics.update(
         {
             "completion_length/mean": lengths.mean().item(),
@@ -292,6 +295,22 @@ def step_metrics(batch: ScoredBatch, per_fn: dict[str, torch.Tensor], zero_varia
         }
     )
     return metrics
+
+
+def completion_rows(step: int, problems, texts: list[str], batch: ScoredBatch, per_fn: dict) -> list[dict]:
+    """One completions-log record per completion: what was asked, what came back, how it scored."""
+    r, G = batch.rollout, batch.rollout.group_size
+    rows = []
+    for i, text in enumerate(texts):
+        problem = problems[i // G]
+        rows.append({
+            "step": step, "group": i // G, "prompt": problem.prompt, "answer": problem.answer,
+            "completion": text, "reward": batch.rewards[i].item(),
+            **{f"reward/{name}": values[i].item() for name, values in per_fn.items()},
+            "advantage": batch.advantages[i].item(), "length": int(r.completion_mask[i].sum()),
+            "truncated": bool(r.truncated[i]),
+        })  # fmt: skip
+    return rows
 
 
 class TrainingInterrupted(Exception):
@@ -356,7 +375,10 @@ def train(cfg: Config, console=None, stop_after: int | None = None) -> Path:
         display.print(f"resuming {run.path.name} from {resume_from.name} (step {state['step']})")
     remove_torn_saves(run.path / "checkpoints")
     # on resume, records after the checkpoint are redone; a fresh start in an old folder drops them all
-    metrics_log = MetricsWriter(run.path / "metrics.jsonl", keep_until_step=first_step - 1 if state else -1)
+    tracker = Tracker(run.path, cfg, keep_until_step=first_step - 1 if state else -1)
+    health = HealthMonitor(cfg.health)
+    if state is not None and "health" in state["trainer_state"]:
+        health.restore(state["trainer_state"]["health"])
 
     def run_eval(tag: str, step: int) -> float:
         with merged_adapter(policy, cfg.generation.merge_adapter):
@@ -373,6 +395,7 @@ def train(cfg: Config, console=None, stop_after: int | None = None) -> Path:
         trainer_state = {
             "order": order.state(),
             "nonfinite_streak": nonfinite_streak,
+            "health": health.state(),
             "config": cfg.model_dump(mode="json"),
         }
         save_checkpoint(
@@ -386,7 +409,7 @@ def train(cfg: Config, console=None, stop_after: int | None = None) -> Path:
             display.print("evaluating the base model on the held-out split ...")
             accuracy = run_eval("before", 0)
             display.print(f"held-out accuracy before training: {accuracy:.3f}")
-            metrics_log.write({"step": 0, "eval/accuracy": accuracy})
+            tracker.write({"step": 0, "eval/accuracy": accuracy})
         display.start(first_step - 1)
 
         with StopRequest() as stop:
@@ -430,10 +453,16 @@ def train(cfg: Config, console=None, stop_after: int | None = None) -> Path:
                         "time/train": t3 - t2,
                     }
                 )
+                for alarm in health.check(metrics):
+                    display.print(f"[bold yellow]health:[/bold yellow] {escape(alarm.message())}")
+                rows = completion_rows(step, problems, texts, batch, per_fn)
+                tracker.write_completions(rows)
+                if cfg.logging.completions_every and step % cfg.logging.completions_every == 0:
+                    display.completions_table(step, rows)
                 all_skipped = update["nonfinite_skipped"] == update["optimizer_steps"]
                 nonfinite_streak = nonfinite_streak + 1 if all_skipped else 0
                 if nonfinite_streak >= cfg.train.max_nonfinite_steps:
-                    metrics_log.write(metrics)
+                    tracker.write(metrics)
                     raise TrainingError(
                         f"step {step}: the loss or gradient was not finite in every update of the last "
                         f"{nonfinite_streak} steps, so the weights were left as they were and the run stops. "
@@ -447,7 +476,7 @@ def train(cfg: Config, console=None, stop_after: int | None = None) -> Path:
                 every = cfg.checkpoint.every_n_steps
                 if step == cfg.train.max_steps or stopping or (every and step % every == 0):
                     checkpoint(step)
-                metrics_log.write(metrics)
+                tracker.write(metrics)
                 display.update(step, metrics)
                 if stopping and step < cfg.train.max_steps:
                     raise TrainingInterrupted(step, run.path)
@@ -456,10 +485,10 @@ def train(cfg: Config, console=None, stop_after: int | None = None) -> Path:
         save_model(policy, tokenizer, run.path / "final")
         if cfg.eval.at_end:
             accuracy = run_eval("after", cfg.train.max_steps)
-            metrics_log.write({"step": cfg.train.max_steps, "eval/accuracy": accuracy})
+            tracker.write({"step": cfg.train.max_steps, "eval/accuracy": accuracy})
     finally:
         display.close()
-        metrics_log.close()
+        tracker.close()
         torch.use_deterministic_algorithms(deterministic_before)
     run.print_summary(display, eval_history)
     return run.path

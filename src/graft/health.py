@@ -1,0 +1,130 @@
+"""Training-health alarms that explain themselves: what was seen, why it matters, what to try.
+
+The monitor reads the same per-step metrics that go to metrics.jsonl. An alarm is reported when it starts
+firing (not every step while it lasts) and shows as `health/<name>` = 1 in the metrics while it fires.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from graft.config import HealthConfig
+
+
+@dataclass(frozen=True)
+class Alarm:
+    name: str
+    saw: str
+    why: str
+    fix: str
+
+    def message(self) -> str:
+        return f"[{self.name}] {self.saw}. {self.why}. Try: {self.fix}."
+
+
+ALARMS = (
+    "truncation",
+    "no_signal",
+    "entropy_collapse",
+    "length_drift",
+    "kl_blowup",
+    "format_hacking",
+    "nonfinite",
+)
+
+
+def _mean(xs: list[float]) -> float:
+    return sum(xs) / len(xs)
+
+
+class HealthMonitor:
+    def __init__(self, cfg: HealthConfig):
+        self.cfg = cfg
+        self.history: list[dict[str, float]] = []  # the numeric metrics of every step so far
+        self.firing: set[str] = set()
+
+    def state(self) -> dict:
+        return {"history": self.history, "firing": sorted(self.firing)}
+
+    def restore(self, state: dict) -> None:
+        self.history, self.firing = list(state["history"]), set(state["firing"])
+
+    def _series(self, key: str) -> list[float]:
+        return [h[key] for h in self.history if isinstance(h.get(key), int | float) and math.isfinite(h[key])]
+
+    def _alarms(self, m: dict) -> list[Alarm]:
+        c, w = self.cfg, self.cfg.window
+        found = []
+        recent = self.history[-w:]
+
+        trunc = _mean([h.get("truncated_fraction", 0.0) for h in recent])
+        if trunc > c.truncation_max:
+            found.append(Alarm(
+                "truncation", f"{trunc:.0%} of completions hit generation.max_new_tokens over the last {len(recent)} steps",
+                "a cut-off completion rarely holds a final answer, so its reward is 0 for the wrong reason",
+                "raise generation.max_new_tokens, or ask for shorter answers in the system prompt",
+            ))  # fmt: skip
+        zero = _mean([h.get("zero_variance_group_fraction", 0.0) for h in recent])
+        if len(recent) == w and zero > c.zero_variance_max:
+            found.append(Alarm(
+                "no_signal", f"{zero:.0%} of groups had identical rewards over the last {w} steps",
+                "such a group has zero advantage and teaches nothing: the task is too easy or too hard",
+                "change the task difficulty, raise grpo.num_generations, or raise generation.temperature",
+            ))  # fmt: skip
+        entropy = self._series("entropy")
+        if len(entropy) >= 2 * w:
+            start, now = _mean(entropy[:w]), _mean(entropy[-w:])
+            if start > 0 and now < c.entropy_collapse_ratio * start:
+                found.append(Alarm(
+                    "entropy_collapse", f"token entropy fell from {start:.3f} to {now:.3f} nats",
+                    "the policy has become nearly deterministic, so groups stop differing and learning stalls",
+                    "lower train.learning_rate, use grpo.epsilon_high (clip-higher), or add a KL term (grpo.beta)",
+                ))  # fmt: skip
+        lengths = self._series("completion_length/mean")
+        if len(lengths) >= 2 * w:
+            start, now = _mean(lengths[:w]), _mean(lengths[-w:])
+            if start > 0 and not (1 / c.length_drift_ratio <= now / start <= c.length_drift_ratio):
+                found.append(Alarm(
+                    "length_drift", f"mean completion length moved from {start:.1f} to {now:.1f} tokens",
+                    "a large drift often means the reward is being won by length, not by correctness",
+                    "check the completions log, use grpo.loss_type=dr_grpo (no length bias) or a length penalty",
+                ))  # fmt: skip
+        kl = m.get("kl")
+        if isinstance(kl, int | float) and kl > c.kl_max:
+            found.append(Alarm(
+                "kl_blowup", f"KL to the reference is {kl:.3f} (limit {c.kl_max})",
+                "the policy is running away from the base model, which usually ends in gibberish",
+                "lower train.learning_rate or raise grpo.beta",
+            ))  # fmt: skip
+        accuracy = self._series("accuracy")
+        for key in [k for k in m if k.startswith("reward/") and "format" in k and k.endswith("/mean")]:
+            fmt = self._series(key)
+            if len(fmt) >= 2 * w and len(accuracy) >= 2 * w:
+                rise = _mean(fmt[-w:]) - _mean(fmt[:w])
+                gain = _mean(accuracy[-w:]) - _mean(accuracy[:w])
+                if rise > c.format_gap and gain < c.format_gap / 4:
+                    found.append(Alarm(
+                        "format_hacking", f"{key} rose by {rise:.2f} while accuracy moved {gain:+.2f}",
+                        "the model is learning to look right, not to be right (reward hacking)",
+                        "lower that reward's weight in rewards.weights, or make correctness worth more",
+                    ))  # fmt: skip
+        loss = m.get("loss")
+        if m.get("nonfinite_skipped") or (loss is not None and not math.isfinite(loss)):
+            found.append(Alarm(
+                "nonfinite", f"{m.get('nonfinite_skipped', 0)} update(s) this step had a non-finite loss or gradient",
+                "they were skipped; more in a row stop the run",
+                "lower train.learning_rate, keep train.max_grad_norm, check rewards for huge values",
+            ))  # fmt: skip
+        return found
+
+    def check(self, metrics: dict) -> list[Alarm]:
+        """Record a step's metrics; return the alarms that start firing now. Adds health/<name> to metrics."""
+        self.history.append({k: v for k, v in metrics.items() if isinstance(v, int | float)})
+        alarms = self._alarms(metrics)
+        names = {a.name for a in alarms}
+        for name in ALARMS:  # every alarm, every step: a column per alarm in metrics.jsonl and the trackers
+            metrics[f"health/{name}"] = 1.0 if name in names else 0.0
+        new = [a for a in alarms if a.name not in self.firing]
+        self.firing = names
+        return new
