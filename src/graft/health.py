@@ -20,7 +20,7 @@ class Alarm:
     fix: str
 
     def message(self) -> str:
-        return f"[{self.name}] {self.saw}. {self.why}. Try: {self.fix}."
+        return f"[{self.name}] {self.saw}. {self.why[:1].upper()}{self.why[1:]}. Try: {self.fix}."
 
 
 ALARMS = (
@@ -87,7 +87,8 @@ class HealthMonitor:
             if start > 0 and not (1 / c.length_drift_ratio <= now / start <= c.length_drift_ratio):
                 found.append(Alarm(
                     "length_drift", f"mean completion length moved from {start:.1f} to {now:.1f} tokens",
-                    "a large drift often means the reward is being won by length, not by correctness",
+                    "length is moving the reward: fine if truncation is going away, a warning sign if the reward "
+                    "is being won by length rather than correctness",
                     "check the completions log, use grpo.loss_type=dr_grpo (no length bias) or a length penalty",
                 ))  # fmt: skip
         kl = m.get("kl")

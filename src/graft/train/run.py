@@ -87,7 +87,7 @@ class RunDir:
             )
         display.print(table)
         display.print(
-            f"run directory: {self.path}  (config.yaml, metrics.jsonl, eval.json, checkpoints/, final/)"
+            f"run directory: {self.path}  (config.yaml, metrics.jsonl, completions.jsonl, eval.json, checkpoints/, final/)"
         )
 
 
