@@ -27,7 +27,10 @@ def problems(tmp_path, *overrides):
         ),
         (["model.name=not a model id!"], "is neither a folder, a hub id (org/name) nor builtin:"),
         (["model.device=cuda:0"], "torch sees no CUDA device; use model.device=cpu or auto"),
-        (["rewards.functions=[corectness]"], "unknown reward(s) ['corectness']; built-in rewards"),
+        (
+            ["rewards.functions=[last_integr]"],
+            "reward 'last_integr' is not built in (last_integer) (did you mean",
+        ),
         (["task.max_operand=1", "task.operations=[+]"], "widen the operand range"),
         (["resume=auto"], "resume=auto needs logging.run_name"),
         (["resume=/no/checkpoint"], "is not a complete checkpoint folder"),
@@ -79,7 +82,7 @@ def test_all_problems_are_listed_at_once(tmp_path):
         validate_or_raise(cfg)
     text = str(err.value)
     assert text.startswith("4 problem(s) found before loading the model")
-    for part in ("/nope", "unknown reward", "resume=auto needs", "cannot write in /proc"):
+    for part in ("/nope", "reward 'x' is not built in", "resume=auto needs", "cannot write in /proc"):
         assert part in text
 
 

@@ -147,6 +147,7 @@ def main(argv: list[str] | None = None) -> int:
     console = Console(soft_wrap=True)
     err = Console(stderr=True, soft_wrap=True)
     from graft.models import ModelError
+    from graft.rewards.runtime import RewardError
     from graft.train.checkpoint import CheckpointError
     from graft.train.grpo import TrainingError, TrainingInterrupted
     from graft.train.run import RunDirError
@@ -156,7 +157,7 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, ModelError, RunDirError) as exc:
         err.print(f"[bold red]error:[/bold red] {escape(str(exc))}", highlight=False)
         return 2
-    except (TrainingError, CheckpointError) as exc:
+    except (TrainingError, CheckpointError, RewardError) as exc:
         err.print(f"[bold red]training stopped:[/bold red] {escape(str(exc))}", highlight=False)
         return 1
     except TrainingInterrupted as exc:

@@ -73,8 +73,25 @@ class TaskConfig(_Section):
 
 
 class RewardsConfig(_Section):
-    functions: list[str] = Field(["last_integer"], description="built-in reward names, summed with weights")
+    functions: list[str] = Field(
+        ["last_integer"],
+        description="rewards summed with weights: built-in names, path/to/file.py:fn or package.module:fn",
+    )
     weights: list[float] | None = Field(None, description="one weight per function (default: all 1.0)")
+    timeout: float = Field(
+        10.0, gt=0, description="seconds one call of a user reward may take before it is killed"
+    )
+    num_workers: int = Field(2, ge=1, description="worker processes for user rewards (run in parallel)")
+    on_error: Literal["exclude", "zero"] = Field(
+        "exclude",
+        description="a failed or timed-out call: exclude it from the baseline (like None) or score 0",
+    )
+    max_failure_rate: float = Field(
+        0.5, ge=0, le=1, description="stop the run when a reward fails in more than this share of its calls"
+    )
+    completion_format: Literal["messages", "text"] = Field(
+        "messages", description="completions given to user rewards: chat messages (as TRL does) or plain text"
+    )
 
     @model_validator(mode="after")
     def _check_weights(self) -> RewardsConfig:

@@ -135,12 +135,15 @@ def _writable_parent(path: Path) -> Path:
 def check_run(cfg: Config, estimate: bool = True) -> tuple[list[str], MemoryEstimate | None]:
     """(problems, memory estimate) for a resolved config; loads no weights."""
     from graft.models import ModelError, model_location_problem, resolve_device, resolve_model_path
-    from graft.rewards.builtin import resolve_rewards
+    from graft.rewards.runtime import load_reward
     from graft.tasks import build_task
     from graft.train.run import RunDir, RunDirError
 
     problems: list[str] = []
-    for check in (lambda: build_task(cfg.task), lambda: resolve_rewards(cfg.rewards.functions)):
+    checks = [lambda: build_task(cfg.task)] + [
+        lambda s=spec: load_reward(s) for spec in cfg.rewards.functions
+    ]
+    for check in checks:
         try:
             check()
         except ConfigError as exc:

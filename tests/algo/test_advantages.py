@@ -49,3 +49,25 @@ def test_bad_shapes_are_refused():
         group_advantages(torch.zeros(6), 4)
     with pytest.raises(ValueError, match="scale_rewards"):
         group_advantages(torch.tensor([0.0, 1.0]), 2, "mean")  # type: ignore[arg-type]
+
+
+def test_none_rewards_are_left_out_of_the_group_baseline():
+    nan = float("nan")
+    # group [1, 0, nan, 0]: mean of the three = 1/3; centred [2/3, -1/3, -, -1/3]; std sqrt((4/9+1/9+1/9)/2) = 0.57735
+    adv, zero = group_advantages(torch.tensor([1.0, 0.0, nan, 0.0]), 4, eps=0.0)
+    assert torch.allclose(adv, torch.tensor([2 / 3, -1 / 3, 0.0, -1 / 3]) / 0.57735, atol=1e-4)
+    assert zero.tolist() == [False]
+
+
+def test_groups_with_fewer_than_two_rewards_have_no_signal():
+    nan = float("nan")
+    adv, zero = group_advantages(torch.tensor([nan, 1.0, nan, nan, 1.0, 1.0]), 2)
+    assert adv.tolist() == [0.0] * 6
+    assert zero.tolist() == [True, True, True]
+
+
+def test_batch_std_ignores_none_rewards():
+    nan = float("nan")
+    adv, _ = group_advantages(torch.tensor([1.0, 0.0, nan, 0.0, 0.0, 0.0]), 3, "batch", eps=0.0)
+    # valid rewards [1, 0, 0, 0, 0]: std = sqrt(0.8 / 4) = 0.44721; group 1 mean 0.5 -> +-0.5
+    assert torch.allclose(adv, torch.tensor([0.5, -0.5, 0.0, 0.0, 0.0, 0.0]) / 0.44721, atol=1e-4)

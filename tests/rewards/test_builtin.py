@@ -1,6 +1,7 @@
 import pytest
 
-from graft.rewards import last_integer, resolve_rewards
+from graft.config import ConfigError
+from graft.rewards import last_integer, load_reward
 from graft.rewards.builtin import extract_last_integer
 
 
@@ -32,5 +33,5 @@ def test_negative_answers():
 
 
 def test_unknown_reward_name_lists_the_builtins():
-    with pytest.raises(ValueError, match="built-in rewards: \\['last_integer'\\]"):
-        resolve_rewards(["correctness"])
+    with pytest.raises(ConfigError, match="is not built in \\(last_integer\\)"):
+        load_reward("correctness")

@@ -10,7 +10,7 @@ ScaleRewards = Literal["group", "batch", "none"]
 
 
 def group_advantages(
-    rewards: torch.Tensor,  # (B,) with B = num_groups * group_size, a group's completions adjacent
+    rewards: torch.Tensor,  # (B,) with B = num_groups * group_size, a group's completions adjacent; NaN = none
     group_size: int,
     scale_rewards: ScaleRewards = "group",
     eps: float = 1e-4,
@@ -21,21 +21,29 @@ def group_advantages(
     by the std of the whole batch ("batch", less noisy for small groups), or not at all ("none",
     Dr. GRPO: the std division over-weights groups that are nearly all right or all wrong).
     std is the unbiased sample std (torch default), as TRL uses, so numbers match across tools.
-    A group whose rewards are all equal carries no learning signal: its advantages are exactly 0.
+    A NaN reward means "no reward applies" (a reward function returned None): that completion is left
+    out of its group's mean and std and gets advantage 0. A group whose remaining rewards are all equal
+    (or that has fewer than two) carries no learning signal: its advantages are exactly 0.
     """
     if rewards.ndim != 1 or rewards.numel() % group_size:
         raise ValueError(
             f"rewards must be 1-D with a multiple of {group_size} entries, got {tuple(rewards.shape)}"
         )
     grouped = rewards.view(-1, group_size)  # (num_groups, G)
-    mean = grouped.mean(dim=1, keepdim=True)
-    centered = grouped - mean  # (num_groups, G)
-    group_std = grouped.std(dim=1, keepdim=True)
-    zero_variance = (grouped == grouped[:, :1]).all(dim=1)  # exact: std can round to a tiny non-zero
+    valid = ~torch.isnan(grouped)
+    count = valid.sum(dim=1, keepdim=True)  # (num_groups, 1)
+    filled = torch.where(valid, grouped, torch.zeros_like(grouped))
+    mean = filled.sum(dim=1, keepdim=True) / count.clamp(min=1)
+    centered = torch.where(valid, grouped - mean, torch.zeros_like(grouped))  # (num_groups, G)
+    group_std = (centered.pow(2).sum(dim=1, keepdim=True) / (count - 1).clamp(min=1)).sqrt()
+    first = (
+        torch.where(valid, grouped, torch.full_like(grouped, float("inf"))).min(dim=1, keepdim=True).values
+    )
+    zero_variance = ((grouped == first) | ~valid).all(dim=1) | (count.squeeze(1) < 2)  # exact, not std < tol
     if scale_rewards == "group":
         centered = centered / (group_std + eps)
     elif scale_rewards == "batch":
-        centered = centered / (rewards.std() + eps)
+        centered = centered / (rewards[~torch.isnan(rewards)].std() + eps)
     elif scale_rewards != "none":
         raise ValueError(f"scale_rewards must be 'group', 'batch' or 'none', got {scale_rewards!r}")
     centered = centered.masked_fill(zero_variance.unsqueeze(1), 0.0)

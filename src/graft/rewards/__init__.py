@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
-from graft.rewards.builtin import BUILTIN_REWARDS, last_integer, resolve_rewards
+from graft.rewards.builtin import BUILTIN_REWARDS, last_integer
+from graft.rewards.runtime import RewardRuntime, load_reward
 
-__all__ = ["BUILTIN_REWARDS", "last_integer", "resolve_rewards"]
+__all__ = ["BUILTIN_REWARDS", "RewardRuntime", "last_integer", "load_reward"]

@@ -3,8 +3,6 @@ from __future__ import annotations
 import re
 from collections.abc import Callable
 
-from graft.config import ConfigError
-
 RewardFn = Callable[..., list[float | None]]
 
 # A number not glued to a preceding letter or digit; thousands separators ("1,234") and decimals allowed.
@@ -32,10 +30,3 @@ def last_integer(prompts: list, completions: list[str], answer: list[str], **_co
 
 
 BUILTIN_REWARDS: dict[str, RewardFn] = {"last_integer": last_integer}
-
-
-def resolve_rewards(names: list[str]) -> list[tuple[str, RewardFn]]:
-    unknown = [n for n in names if n not in BUILTIN_REWARDS]
-    if unknown:
-        raise ConfigError(f"unknown reward(s) {unknown}; built-in rewards: {sorted(BUILTIN_REWARDS)}")
-    return [(n, BUILTIN_REWARDS[n]) for n in names]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,7 +29,8 @@ from graft.models import (
     split_lm_head,
     stop_token_ids,
 )
-from graft.rewards.builtin import BUILTIN_REWARDS, RewardFn, resolve_rewards
+from graft.rewards.builtin import BUILTIN_REWARDS
+from graft.rewards.runtime import RewardRuntime, call_reward, reward_name
 from graft.rollout.sampler import Rollout, position_ids_from_mask, sample
 from graft.tasks import Problem, Task, build_task
 from graft.tracking import ProgressDisplay, Tracker
@@ -80,21 +82,19 @@ def rollout(
 
 
 def score_completions(
-    reward_fns: list[tuple[str, RewardFn]],
+    runtime: RewardRuntime,
     weights: list[float],
-    task: Task,
-    problems: list[Problem],
+    prompts: list,
     completions: list[str],
-    group_size: int,
+    columns: dict[str, list],
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """(total (B,), per-function (B,) each). Rewards see the chat messages, the completion text and every
-    dataset column (here `answer`), repeated for each completion of a group."""
-    prompts, columns = task.reward_inputs([p for p in problems for _ in range(group_size)])
-    per_fn = {}
-    for name, fn in reward_fns:
-        values = fn(prompts, completions, **columns)
-        per_fn[name] = torch.tensor([float("nan") if v is None else float(v) for v in values])
-    total = sum(w * per_fn[name] for (name, _), w in zip(reward_fns, weights, strict=True))
+    """(total (B,), per-function (B,) each), NaN where no reward applies. Rewards see the chat messages,
+    the completion and every dataset column (`answer` and the rest), one entry per completion. The total
+    is the weighted sum over the functions that gave a value, NaN only when none did."""
+    scores = runtime.score(prompts, completions, columns)
+    per_fn = {reward_name(spec): torch.tensor(values, dtype=torch.float32) for spec, values in scores.items()}
+    weighted = torch.stack([w * v for w, v in zip(weights, per_fn.values(), strict=True)])  # (F, B)
+    total = torch.where(torch.isnan(weighted).all(0), torch.nan, torch.nansum(weighted, 0))
     return total, per_fn
 
 
@@ -279,7 +279,9 @@ def step_metrics(batch: ScoredBatch, per_fn: dict[str, torch.Tensor], zero_varia
     lengths = r.completion_lengths.float()
     metrics = {
         "reward/mean": batch.rewards.nanmean().item(),
-        "reward/std": batch.rewards.std().item(),
+        "reward/std": batch.rewards[~torch.isnan(batch.rewards)].std().item()
+        if batch.rewards.numel() > 1
+        else 0.0,
     }
     for name, values in per_fn.items():
         metrics[f"reward/{name}/mean"] = values.nanmean().item()
@@ -348,8 +350,10 @@ def train(cfg: Config, console=None, stop_after: int | None = None) -> Path:
 
     # Everything that can be wrong with the data or rewards fails here, before the model loads.
     task = build_task(cfg.task)
-    reward_fns = resolve_rewards(cfg.rewards.functions)
-    weights = cfg.rewards.weights or [1.0] * len(reward_fns)
+    rc = cfg.rewards
+    runtime = RewardRuntime(rc.functions, rc.timeout, rc.num_workers, rc.on_error, rc.max_failure_rate,
+                            completion_format=rc.completion_format)  # fmt: skip
+    weights = rc.weights or [1.0] * len(rc.functions)
     correctness_name = task.default_rewards[0]
     correctness = BUILTIN_REWARDS[correctness_name]
 
@@ -420,15 +424,15 @@ def train(cfg: Config, console=None, stop_after: int | None = None) -> Path:
                 t1 = time.perf_counter()
 
                 texts = decode_completions(tokenizer, r.completion_ids, r.completion_mask)
-                rewards, per_fn = score_completions(reward_fns, weights, task, problems, texts, r.group_size)
+                prompts, columns = task.reward_inputs([p for p in problems for _ in range(r.group_size)])
+                rewards, per_fn = score_completions(runtime, weights, prompts, texts, columns)
                 if correctness_name not in per_fn:  # accuracy is logged even when training on other rewards
-                    extra = score_completions([(correctness_name, correctness)], [1.0], task, problems, texts,
-                                              r.group_size)  # fmt: skip
-                    per_fn.update(extra[1])
+                    values = call_reward(correctness, prompts, texts, columns)
+                    per_fn[correctness_name] = torch.tensor([math.nan if v is None else v for v in values])
                 t2 = time.perf_counter()
 
                 advantages, zero_variance = algo.group_advantages(
-                    torch.nan_to_num(rewards, nan=0.0), r.group_size, cfg.grpo.scale_rewards
+                    rewards, r.group_size, cfg.grpo.scale_rewards
                 )
                 reuse = (
                     cfg.grpo.num_iterations > 1 or cfg.grpo.num_minibatches > 1
@@ -442,7 +446,12 @@ def train(cfg: Config, console=None, stop_after: int | None = None) -> Path:
                 update = update_policy(policy, optimizer, scheduler, batch, cfg, device, params)
                 t3 = time.perf_counter()
 
-                metrics = {"step": step, **step_metrics(batch, per_fn, zero_variance), **update}
+                metrics = {
+                    "step": step,
+                    **step_metrics(batch, per_fn, zero_variance),
+                    **runtime.metrics(),
+                    **update,
+                }
                 metrics["accuracy"] = (per_fn[correctness_name] >= 1.0).float().mean().item()
                 metrics.update(
                     {
@@ -489,6 +498,7 @@ def train(cfg: Config, console=None, stop_after: int | None = None) -> Path:
     finally:
         display.close()
         tracker.close()
+        runtime.close()
         torch.use_deterministic_algorithms(deterministic_before)
     run.print_summary(display, eval_history)
     return run.path

@@ -1,0 +1,253 @@
+"""Runs reward functions so that none of them can stall or kill a run.
+
+Built-in rewards (pure Python, tested) run in-process. User rewards run in worker processes: a call that
+raises becomes the configured fallback and is counted, a call that outlives its timeout is stopped by
+killing its worker (a fresh one takes its place), and past `max_failure_rate` the run stops with the first
+traceback and the completion that caused it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import difflib
+import importlib
+import importlib.util
+import math
+import multiprocessing as mp
+import multiprocessing.connection as mp_connection
+import time
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from graft.config import ConfigError
+from graft.rewards.builtin import BUILTIN_REWARDS
+
+
+class RewardError(RuntimeError):
+    """Reward functions failed too often; the message holds the first traceback and its completion."""
+
+
+def load_reward(spec: str):
+    """A built-in name, `path/to/file.py:function` or `package.module:function` -> the callable."""
+    if spec in BUILTIN_REWARDS:
+        return BUILTIN_REWARDS[spec]
+    if ":" not in spec:
+        close = difflib.get_close_matches(spec, list(BUILTIN_REWARDS), n=1)
+        hint = f" (did you mean '{close[0]}'?)" if close else ""
+        raise ConfigError(
+            f"reward '{spec}' is not built in ({', '.join(sorted(BUILTIN_REWARDS))}){hint} and is not of the "
+            "form path/to/file.py:function or package.module:function"
+        )
+    target, _, name = spec.rpartition(":")
+    try:
+        if target.endswith(".py"):
+            path = Path(target).expanduser()
+            if not path.is_file():
+                raise ConfigError(f"reward file '{target}' does not exist")
+            module_spec = importlib.util.spec_from_file_location(f"graft_user_reward_{path.stem}", path)
+            module = importlib.util.module_from_spec(module_spec)
+            module_spec.loader.exec_module(module)
+        else:
+            module = importlib.import_module(target)
+    except ConfigError:
+        raise
+    except Exception as exc:  # the user's module failed to import: say which and why
+        raise ConfigError(f"reward '{spec}': importing {target} failed: {type(exc).__name__}: {exc}") from exc
+    fn = getattr(module, name, None)
+    if not callable(fn):
+        raise ConfigError(f"reward '{spec}': {target} has no function '{name}'")
+    return fn
+
+
+def call_reward(fn, prompts: list, completions: list, columns: dict[str, list]) -> list[float | None]:
+    """Call as TRL does (keywords), await a coroutine function, and check the answer's shape."""
+    out = fn(prompts=prompts, completions=completions, **columns)
+    if asyncio.iscoroutine(out):
+        out = asyncio.run(out)
+    out = list(out)
+    if len(out) != len(completions):
+        raise ValueError(f"returned {len(out)} values for {len(completions)} completions")
+    values = []
+    for v in out:
+        if v is None:
+            values.append(None)
+        else:
+            v = float(v)
+            values.append(v if math.isfinite(v) else math.nan)  # NaN/inf: counted, then treated as None
+    return values
+
+
+def _worker_main(conn) -> None:
+    loaded: dict[str, Any] = {}
+    while True:
+        try:
+            message = conn.recv()
+        except EOFError:
+            return
+        if message is None:
+            return
+        spec, prompts, completions, columns = message
+        try:
+            if spec not in loaded:
+                loaded[spec] = load_reward(spec)
+            conn.send(("ok", call_reward(loaded[spec], prompts, completions, columns)))
+        except BaseException:  # noqa: BLE001 - every failure goes back to the parent as text
+            conn.send(("error", traceback.format_exc()))
+
+
+class _Worker:
+    def __init__(self, ctx):
+        self.ctx = ctx
+        self._start()
+
+    def _start(self) -> None:
+        self.conn, child = self.ctx.Pipe()
+        self.process = self.ctx.Process(target=_worker_main, args=(child,), daemon=True)
+        self.process.start()
+        child.close()
+
+    def send(self, message) -> None:
+        self.conn.send(message)
+
+    def receive(self):
+        """("ok", values) or ("error", traceback); a worker that died mid-call is replaced."""
+        try:
+            return self.conn.recv()
+        except (EOFError, OSError):
+            self.restart()
+            return ("error", "the reward worker process died (crashed or was killed)")
+
+    def restart(self) -> None:
+        self.process.kill()  # SIGKILL: a hung C extension or sleep cannot ignore it
+        self.process.join()
+        self.conn.close()
+        self._start()
+
+    def close(self) -> None:
+        with contextlib.suppress(BrokenPipeError, OSError):  # already gone
+            self.conn.send(None)
+        self.process.join(timeout=2)
+        if self.process.is_alive():
+            self.process.kill()
+
+
+@dataclass
+class RewardStats:
+    calls: int = 0
+    errors: int = 0
+    timeouts: int = 0
+    nan: int = 0
+    first_failure: str | None = None
+
+
+@dataclass
+class RewardRuntime:
+    specs: list[str]
+    timeout: float = 10.0
+    num_workers: int = 2
+    on_error: str = "exclude"  # or "zero"
+    max_failure_rate: float = 0.5
+    min_calls: int = 4  # the failure rate is judged only after this many calls of a function
+    completion_format: str = "messages"  # what user functions receive, as TRL gives chat-prompted data
+    stats: dict[str, RewardStats] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.functions = {spec: load_reward(spec) for spec in self.specs}  # every spec fails here, not later
+        self.stats = {spec: RewardStats() for spec in self.specs}
+        user = [s for s in self.specs if s not in BUILTIN_REWARDS]
+        ctx = mp.get_context("spawn")  # fork after torch's thread pools start can deadlock the child
+        self.workers = [_Worker(ctx) for _ in range(min(self.num_workers, max(len(user), 1)))] if user else []
+
+    def score(self, prompts: list, completions: list, columns: dict[str, list]) -> dict[str, list[float]]:
+        """{spec: one value per completion, NaN where the function gave None, failed or timed out
+        (0.0 instead with on_error='zero')}."""
+        results: dict[str, list[float]] = {}
+        as_messages = [[{"role": "assistant", "content": c}] for c in completions]
+        user_completions = as_messages if self.completion_format == "messages" else completions
+        queue = []
+        for spec in self.specs:
+            if spec in BUILTIN_REWARDS:  # ours: plain text, in-process
+                results[spec] = self._finish(
+                    spec, *self._run_inline(spec, prompts, completions, columns), completions
+                )
+            else:
+                queue.append(spec)
+        # one call per idle worker; each call has its own deadline, and a late one kills only its worker
+        busy: dict[_Worker, tuple[str, float]] = {}
+        while queue or busy:
+            for worker in self.workers:
+                if worker not in busy and queue:
+                    spec = queue.pop(0)
+                    worker.send((spec, prompts, user_completions, columns))
+                    busy[worker] = (spec, time.monotonic() + self.timeout)
+            next_deadline = min(deadline for _, deadline in busy.values())
+            ready = mp_connection.wait(
+                [w.conn for w in busy], timeout=max(0.0, next_deadline - time.monotonic())
+            )
+            now = time.monotonic()
+            for worker in list(busy):
+                spec, deadline = busy[worker]
+                if worker.conn in ready:
+                    status, payload = worker.receive()
+                elif now >= deadline:
+                    worker.restart()
+                    status, payload = "timeout", None
+                else:
+                    continue
+                del busy[worker]
+                results[spec] = self._finish(spec, status, payload, completions)
+        return {spec: results[spec] for spec in self.specs}
+
+    def _run_inline(self, spec, prompts, completions, columns):
+        try:
+            return "ok", call_reward(self.functions[spec], prompts, completions, columns)
+        except Exception:
+            return "error", traceback.format_exc()
+
+    def _finish(self, spec: str, status: str, payload, completions: list) -> list[float]:
+        stats = self.stats[spec]
+        stats.calls += 1
+        fallback = 0.0 if self.on_error == "zero" else math.nan
+        if status == "ok":
+            values = [math.nan if v is None else v for v in payload]
+            stats.nan += sum(
+                1 for v, raw in zip(values, payload, strict=True) if raw is not None and math.isnan(v)
+            )
+            return values
+        if status == "timeout":
+            stats.timeouts += 1
+            detail = f"timed out after {self.timeout:g} s (reward timeout: rewards.timeout)"
+        else:
+            stats.errors += 1
+            detail = payload
+        if stats.first_failure is None:
+            sample = completions[0] if completions else ""
+            stats.first_failure = f"{detail}\nfirst completion of that batch: {sample!r}"[:4000]
+        failures = stats.errors + stats.timeouts
+        if stats.calls >= self.min_calls and failures / stats.calls > self.max_failure_rate:
+            raise RewardError(
+                f"reward '{spec}' failed in {failures} of {stats.calls} calls (limit "
+                f"rewards.max_failure_rate={self.max_failure_rate}); first failure:\n{stats.first_failure}"
+            )
+        return [fallback] * len(completions)
+
+    def metrics(self) -> dict[str, float]:
+        out = {}
+        for spec, s in self.stats.items():
+            name = reward_name(spec)
+            out[f"reward/{name}/errors"] = s.errors
+            out[f"reward/{name}/timeouts"] = s.timeouts
+            out[f"reward/{name}/nan"] = s.nan
+        return out
+
+    def close(self) -> None:
+        for worker in self.workers:
+            worker.close()
+
+
+def reward_name(spec: str) -> str:
+    """A short metric name: the function name for `file.py:fn` and `module:fn` specs."""
+    return spec.rpartition(":")[2] if ":" in spec else spec
