@@ -29,7 +29,7 @@ def problems(tmp_path, *overrides):
         (["model.device=cuda:0"], "torch sees no CUDA device; use model.device=cpu or auto"),
         (
             ["rewards.functions=[last_integr]"],
-            "reward 'last_integr' is not built in (last_integer) (did you mean",
+            "(did you mean 'last_integer'?)",
         ),
         (["task.max_operand=1", "task.operations=[+]"], "widen the operand range"),
         (["resume=auto"], "resume=auto needs logging.run_name"),

@@ -33,5 +33,5 @@ def test_negative_answers():
 
 
 def test_unknown_reward_name_lists_the_builtins():
-    with pytest.raises(ConfigError, match="is not built in \\(last_integer\\)"):
+    with pytest.raises(ConfigError, match="reward 'correctness' is not built in"):
         load_reward("correctness")

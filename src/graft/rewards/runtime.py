@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from graft.config import ConfigError
-from graft.rewards.builtin import BUILTIN_REWARDS
+from graft.rewards.builtin import BUILTIN_REWARDS, runs_in_process
 
 
 class RewardError(RuntimeError):
@@ -157,7 +157,7 @@ class RewardRuntime:
     def __post_init__(self) -> None:
         self.functions = {spec: load_reward(spec) for spec in self.specs}  # every spec fails here, not later
         self.stats = {spec: RewardStats() for spec in self.specs}
-        user = [s for s in self.specs if s not in BUILTIN_REWARDS]
+        user = [s for s in self.specs if not runs_in_process(s)]
         ctx = mp.get_context("spawn")  # fork after torch's thread pools start can deadlock the child
         self.workers = [_Worker(ctx) for _ in range(min(self.num_workers, max(len(user), 1)))] if user else []
 
@@ -169,7 +169,7 @@ class RewardRuntime:
         user_completions = as_messages if self.completion_format == "messages" else completions
         queue = []
         for spec in self.specs:
-            if spec in BUILTIN_REWARDS:  # ours: plain text, in-process
+            if runs_in_process(spec):  # ours, proven fast and safe: plain text, in-process
                 results[spec] = self._finish(
                     spec, *self._run_inline(spec, prompts, completions, columns), completions
                 )
@@ -181,7 +181,8 @@ class RewardRuntime:
             for worker in self.workers:
                 if worker not in busy and queue:
                     spec = queue.pop(0)
-                    worker.send((spec, prompts, user_completions, columns))
+                    sent = completions if spec in BUILTIN_REWARDS else user_completions  # ours take text
+                    worker.send((spec, prompts, sent, columns))
                     busy[worker] = (spec, time.monotonic() + self.timeout)
             next_deadline = min(deadline for _, deadline in busy.values())
             ready = mp_connection.wait(

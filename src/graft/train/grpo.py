@@ -425,6 +425,11 @@ def train(cfg: Config, console=None, stop_after: int | None = None) -> Path:
 
                 texts = decode_completions(tokenizer, r.completion_ids, r.completion_mask)
                 prompts, columns = task.reward_inputs([p for p in problems for _ in range(r.group_size)])
+                lengths = r.completion_mask.sum(1).tolist()
+                columns["completion_ids"] = [
+                    ids[:n].tolist() for ids, n in zip(r.completion_ids, lengths, strict=True)
+                ]
+                columns["max_completion_length"] = [cfg.generation.max_new_tokens] * len(texts)
                 rewards, per_fn = score_completions(runtime, weights, prompts, texts, columns)
                 if correctness_name not in per_fn:  # accuracy is logged even when training on other rewards
                     values = call_reward(correctness, prompts, texts, columns)
