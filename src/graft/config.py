@@ -49,16 +49,39 @@ class LoraConfig(_Section):
 
 
 class TaskConfig(_Section):
-    name: Literal["arithmetic"] = Field("arithmetic", description="which task supplies prompts and answers")
-    seed: int = Field(1234, description="seed for generating the task's problems (independent of train.seed)")
+    name: Literal["arithmetic", "countdown", "jsonl", "gsm8k", "math", "hub"] = Field(
+        "arithmetic", description="which task supplies prompts and answers"
+    )
+    seed: int = Field(
+        1234, description="seed for generating or shuffling problems (independent of train.seed)"
+    )
+    path: str | None = Field(
+        None,
+        description="jsonl: the file; gsm8k/math/hub: a local copy (.jsonl, .json, .parquet or a saved folder)",
+    )
+    eval_path: str | None = Field(
+        None, description="jsonl: a separate held-out file (default: split off path)"
+    )
+    dataset: str | None = Field(None, description="hub dataset id (gsm8k and math have defaults)")
+    dataset_config: str | None = Field(None, description="hub dataset configuration name")
+    train_split: str = Field("train", description="split trained on")
+    eval_split: str | None = Field("test", description="split evaluated on (null: hold out part of train)")
+    prompt_column: str | None = Field(None, description="column holding the prompt (default: the task's own)")
+    answer_column: str | None = Field(
+        None, description="column holding the gold answer (default: the task's own)"
+    )
+    prompt_format: Literal["plain", "reasoning", "think"] = Field(
+        "plain", description="ask for <reasoning>/<think> ... </...><answer> ... </answer>, or nothing"
+    )
+    num_numbers: int = Field(4, ge=2, le=6, description="countdown: how many numbers to combine")
     num_train: int = Field(2000, ge=1, description="number of training problems")
     num_eval: int = Field(64, ge=1, description="number of held-out problems (never overlap training ones)")
     min_operand: int = Field(0, description="smallest operand (arithmetic)")
     max_operand: int = Field(20, description="largest operand (arithmetic)")
     operations: list[Literal["+", "-", "*"]] = Field(["+", "-"], description="operations to draw from")
     system_prompt: str | None = Field(
-        "Solve the arithmetic problem. End your reply with the final answer as a plain integer.",
-        description="system message put through the chat template (null = the model's default)",
+        "default",
+        description="system message through the chat template: 'default' = the task's own, null = none",
     )
 
     @model_validator(mode="after")
@@ -73,9 +96,10 @@ class TaskConfig(_Section):
 
 
 class RewardsConfig(_Section):
-    functions: list[str] = Field(
-        ["last_integer"],
-        description="rewards summed with weights: built-in names, path/to/file.py:fn or package.module:fn",
+    functions: list[str] | None = Field(
+        None,
+        description="rewards summed with weights: built-in names, path/to/file.py:fn or package.module:fn "
+        "(default: the task's own)",
     )
     weights: list[float] | None = Field(None, description="one weight per function (default: all 1.0)")
     timeout: float = Field(
@@ -95,9 +119,13 @@ class RewardsConfig(_Section):
 
     @model_validator(mode="after")
     def _check_weights(self) -> RewardsConfig:
-        if not self.functions:
-            raise ValueError("functions is empty; name at least one reward, e.g. [last_integer]")
-        if self.weights is not None and len(self.weights) != len(self.functions):
+        if self.functions is not None and not self.functions:
+            raise ValueError("functions is empty; name at least one reward, e.g. [last_integer], or null")
+        if (
+            self.weights is not None
+            and self.functions is not None
+            and len(self.weights) != len(self.functions)
+        ):
             raise ValueError(
                 f"weights has {len(self.weights)} entries but functions has {len(self.functions)}; "
                 "give one weight per function"

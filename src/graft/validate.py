@@ -141,7 +141,7 @@ def check_run(cfg: Config, estimate: bool = True) -> tuple[list[str], MemoryEsti
 
     problems: list[str] = []
     checks = [lambda: build_task(cfg.task)] + [
-        lambda s=spec: load_reward(s) for spec in cfg.rewards.functions
+        lambda s=spec: load_reward(s) for spec in cfg.rewards.functions or []
     ]
     for check in checks:
         try:

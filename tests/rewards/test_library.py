@@ -80,8 +80,20 @@ def test_repetition_penalty():
 
 
 def test_every_builtin_is_tested_here():
-    tested = {"gsm8k_strict", "gsm8k_flexible", "math_equivalence", "numeric_proximity", "format_strict",
-              "format_soft", "format_tags", "soft_overlong", "cosine_length", "repetition_penalty", "last_integer"}  # fmt: skip
+    tested = {
+        "gsm8k_strict",
+        "gsm8k_flexible",
+        "math_equivalence",
+        "numeric_proximity",
+        "format_strict",
+        "format_soft",
+        "format_tags",
+        "soft_overlong",
+        "cosine_length",
+        "repetition_penalty",
+        "last_integer",
+        "countdown",
+    }  # fmt: skip  (countdown: tests/tasks/test_countdown.py)
     assert set(b.BUILTIN_REWARDS) == tested
 
 

@@ -169,6 +169,15 @@ BUILTIN_REWARDS: dict[str, RewardFn] = {
     "cosine_length": cosine_length,
     "repetition_penalty": repetition_penalty,
 }
+
+
+def _countdown(prompts, completions, numbers, target, **columns) -> list[float]:
+    from graft.tasks.countdown import countdown
+
+    return countdown(prompts, completions, numbers, target, **columns)
+
+
+BUILTIN_REWARDS["countdown"] = _countdown
 # Built-ins that are plain regex and arithmetic, fast and unable to hang: they run in the trainer process.
 # math_equivalence parses LaTeX with sympy, which can hang on odd input: it runs in a worker, with a timeout.
 WORKER_REWARDS = frozenset({"math_equivalence"})

@@ -2,16 +2,22 @@
 
 from __future__ import annotations
 
-from graft.config import ConfigError, TaskConfig
+from graft.config import TaskConfig
 from graft.tasks.base import Problem, Task
 
 
 def build_task(cfg: TaskConfig) -> Task:
     if cfg.name == "arithmetic":
-        from graft.tasks.arithmetic import ArithmeticTask
+        from graft.tasks.arithmetic import arithmetic_task
 
-        return ArithmeticTask(cfg)
-    raise ConfigError(f"unknown task '{cfg.name}'")
+        return arithmetic_task(cfg)
+    if cfg.name == "countdown":
+        from graft.tasks.countdown import countdown_task
+
+        return countdown_task(cfg)
+    from graft.tasks.datasets import dataset_task
+
+    return dataset_task(cfg)
 
 
 __all__ = ["Problem", "Task", "build_task"]

@@ -1,7 +1,14 @@
 from __future__ import annotations
 
+import random
 from dataclasses import dataclass, field
 from typing import Any
+
+FORMAT_INSTRUCTIONS = {
+    "plain": "",
+    "reasoning": "Respond in the following format:\n<reasoning>\n...\n</reasoning>\n<answer>\n...\n</answer>",
+    "think": "Respond in the following format:\n<think>\n...\n</think>\n<answer>\n...\n</answer>",
+}
 
 
 @dataclass(frozen=True)
@@ -31,3 +38,29 @@ class Task:
         for key in problems[0].columns if problems else ():
             columns[key] = [p.columns.get(key) for p in problems]
         return [self.messages(p) for p in problems], columns
+
+
+def make_task(cfg, name: str, train: list[Problem], eval_: list[Problem], default_system: str | None,
+              correctness: str) -> Task:  # fmt: skip
+    """A task with the configured system prompt and answer format; format rewards join when one is asked."""
+    system = default_system if cfg.system_prompt == "default" else cfg.system_prompt
+    instructions = FORMAT_INSTRUCTIONS[cfg.prompt_format]
+    if instructions:
+        system = f"{system}\n{instructions}" if system else instructions
+    rewards = (correctness,) if cfg.prompt_format == "plain" else (correctness, "format_tags")
+    return Task(name=name, train=train, eval=eval_, system_prompt=system, default_rewards=rewards)
+
+
+def split_off_eval(problems: list[Problem], num_eval: int, seed: int) -> tuple[list[Problem], list[Problem]]:
+    """(train, eval): a seeded shuffle, then the first num_eval held out. Duplicated prompts stay on one side."""
+    from graft.config import ConfigError
+
+    unique = list(dict.fromkeys(p.prompt for p in problems))
+    if len(unique) <= num_eval:
+        raise ConfigError(
+            f"only {len(unique)} distinct problems, not enough for task.num_eval={num_eval} held out plus "
+            "training; lower task.num_eval or give a separate eval file/split"
+        )
+    random.Random(seed).shuffle(unique)
+    held = set(unique[:num_eval])
+    return [p for p in problems if p.prompt not in held], [p for p in problems if p.prompt in held]

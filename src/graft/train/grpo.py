@@ -351,9 +351,10 @@ def train(cfg: Config, console=None, stop_after: int | None = None) -> Path:
     # Everything that can be wrong with the data or rewards fails here, before the model loads.
     task = build_task(cfg.task)
     rc = cfg.rewards
-    runtime = RewardRuntime(rc.functions, rc.timeout, rc.num_workers, rc.on_error, rc.max_failure_rate,
+    functions = rc.functions or list(task.default_rewards)
+    runtime = RewardRuntime(functions, rc.timeout, rc.num_workers, rc.on_error, rc.max_failure_rate,
                             completion_format=rc.completion_format)  # fmt: skip
-    weights = rc.weights or [1.0] * len(rc.functions)
+    weights = rc.weights or [1.0] * len(functions)
     correctness_name = task.default_rewards[0]
     correctness = BUILTIN_REWARDS[correctness_name]
 
