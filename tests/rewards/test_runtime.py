@@ -164,3 +164,21 @@ def test_a_trl_reward_file_trains_through_the_config(tiny_model_dir, tmp_path, r
     steps = tiny_run(tiny_model_dir, tmp_path, "trl", f"rewards.functions=['{reward_file}:reward_len']")
     assert all(m["reward/reward_len/mean"] < 0 for m in steps)  # -|20 - length|: the TRL function ran
     assert all(m["reward/reward_len/errors"] == 0 for m in steps)
+
+
+def test_math_task_trains_with_math_verify_in_workers_for_rewards_and_eval(tiny_model_dir, tmp_path):
+    rows = [
+        {"problem": f"What is {i} / 2?", "solution": f"It is $\\\\boxed{{\\\\frac{{{i}}}{{2}}}}$."}
+        for i in range(20)
+    ]
+    data = tmp_path / "math.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    steps = tiny_run(tiny_model_dir, tmp_path, "math", "task.name=math", f"task.path={data}", "task.eval_split=null",
+                     "task.num_eval=4", "eval.at_start=true")  # fmt: skip
+    assert [m["step"] for m in steps] == [1, 2]
+    assert (
+        steps[-1]["reward/math_equivalence/errors"] == 0
+        and steps[-1]["reward/math_equivalence/timeouts"] == 0
+    )
+    evals = json.loads((tmp_path / "math" / "eval.json").read_text())
+    assert evals["before"]["num_problems"] == 4

@@ -161,14 +161,17 @@ class RewardRuntime:
         ctx = mp.get_context("spawn")  # fork after torch's thread pools start can deadlock the child
         self.workers = [_Worker(ctx) for _ in range(min(self.num_workers, max(len(user), 1)))] if user else []
 
-    def score(self, prompts: list, completions: list, columns: dict[str, list]) -> dict[str, list[float]]:
+    def score(
+        self, prompts: list, completions: list, columns: dict[str, list], only: str | None = None
+    ) -> dict[str, list[float]]:
         """{spec: one value per completion, NaN where the function gave None, failed or timed out
-        (0.0 instead with on_error='zero')}."""
+        (0.0 instead with on_error='zero')}; `only` scores a single one of the specs."""
+        specs = [only] if only else self.specs
         results: dict[str, list[float]] = {}
         as_messages = [[{"role": "assistant", "content": c}] for c in completions]
         user_completions = as_messages if self.completion_format == "messages" else completions
         queue = []
-        for spec in self.specs:
+        for spec in specs:
             if runs_in_process(spec):  # ours, proven fast and safe: plain text, in-process
                 results[spec] = self._finish(
                     spec, *self._run_inline(spec, prompts, completions, columns), completions
@@ -200,7 +203,7 @@ class RewardRuntime:
                     continue
                 del busy[worker]
                 results[spec] = self._finish(spec, status, payload, completions)
-        return {spec: results[spec] for spec in self.specs}
+        return {spec: results[spec] for spec in specs}
 
     def _run_inline(self, spec, prompts, completions, columns):
         try:

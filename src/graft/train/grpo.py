@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,8 +28,7 @@ from graft.models import (
     split_lm_head,
     stop_token_ids,
 )
-from graft.rewards.builtin import BUILTIN_REWARDS
-from graft.rewards.runtime import RewardRuntime, call_reward, reward_name
+from graft.rewards.runtime import RewardRuntime, reward_name
 from graft.rollout.sampler import Rollout, position_ids_from_mask, sample
 from graft.tasks import Problem, Task, build_task
 from graft.tracking import ProgressDisplay, Tracker
@@ -356,7 +354,11 @@ def train(cfg: Config, console=None, stop_after: int | None = None) -> Path:
                             completion_format=rc.completion_format)  # fmt: skip
     weights = rc.weights or [1.0] * len(functions)
     correctness_name = task.default_rewards[0]
-    correctness = BUILTIN_REWARDS[correctness_name]
+    # accuracy goes through a runtime too: math-verify may hang, so it never runs unguarded in this process
+    judge = runtime if correctness_name in functions else RewardRuntime([correctness_name], rc.timeout, 1)
+
+    def correctness(prompts, completions, **columns) -> list[float]:
+        return judge.score(prompts, completions, columns, only=correctness_name)[correctness_name]
 
     policy, tokenizer = load_model(cfg.model)
     device = next(policy.parameters()).device
@@ -433,8 +435,7 @@ def train(cfg: Config, console=None, stop_after: int | None = None) -> Path:
                 columns["max_completion_length"] = [cfg.generation.max_new_tokens] * len(texts)
                 rewards, per_fn = score_completions(runtime, weights, prompts, texts, columns)
                 if correctness_name not in per_fn:  # accuracy is logged even when training on other rewards
-                    values = call_reward(correctness, prompts, texts, columns)
-                    per_fn[correctness_name] = torch.tensor([math.nan if v is None else v for v in values])
+                    per_fn[correctness_name] = torch.tensor(correctness(prompts, texts, **columns))
                 t2 = time.perf_counter()
 
                 advantages, zero_variance = algo.group_advantages(
@@ -505,6 +506,7 @@ def train(cfg: Config, console=None, stop_after: int | None = None) -> Path:
         display.close()
         tracker.close()
         runtime.close()
+        judge.close()
         torch.use_deterministic_algorithms(deterministic_before)
     run.print_summary(display, eval_history)
     return run.path
