@@ -53,6 +53,11 @@ class HealthMonitor:
     def _series(self, key: str) -> list[float]:
         return [h[key] for h in self.history if isinstance(h.get(key), int | float) and math.isfinite(h[key])]
 
+    def _start_and_now(self, key: str) -> tuple[float, float] | None:
+        """Mean of the first and of the last window of a metric, once there are two full windows."""
+        series, w = self._series(key), self.cfg.window
+        return (_mean(series[:w]), _mean(series[-w:])) if len(series) >= 2 * w else None
+
     def _alarms(self, m: dict) -> list[Alarm]:
         c, w = self.cfg, self.cfg.window
         found = []
@@ -72,18 +77,18 @@ class HealthMonitor:
                 "such a group has zero advantage and teaches nothing: the task is too easy or too hard",
                 "change the task difficulty, raise grpo.num_generations, or raise generation.temperature",
             ))  # fmt: skip
-        entropy = self._series("entropy")
-        if len(entropy) >= 2 * w:
-            start, now = _mean(entropy[:w]), _mean(entropy[-w:])
+        entropy = self._start_and_now("entropy")
+        if entropy:
+            start, now = entropy
             if start > 0 and now < c.entropy_collapse_ratio * start:
                 found.append(Alarm(
                     "entropy_collapse", f"token entropy fell from {start:.3f} to {now:.3f} nats",
                     "the policy has become nearly deterministic, so groups stop differing and learning stalls",
                     "lower train.learning_rate, use grpo.epsilon_high (clip-higher), or add a KL term (grpo.beta)",
                 ))  # fmt: skip
-        lengths = self._series("completion_length/mean")
-        if len(lengths) >= 2 * w:
-            start, now = _mean(lengths[:w]), _mean(lengths[-w:])
+        lengths = self._start_and_now("completion_length/mean")
+        if lengths:
+            start, now = lengths
             if start > 0 and not (1 / c.length_drift_ratio <= now / start <= c.length_drift_ratio):
                 found.append(Alarm(
                     "length_drift", f"mean completion length moved from {start:.1f} to {now:.1f} tokens",
@@ -98,12 +103,11 @@ class HealthMonitor:
                 "the policy is running away from the base model, which usually ends in gibberish",
                 "lower train.learning_rate or raise grpo.beta",
             ))  # fmt: skip
-        accuracy = self._series("accuracy")
+        accuracy = self._start_and_now("accuracy")
         for key in [k for k in m if k.startswith("reward/") and "format" in k and k.endswith("/mean")]:
-            fmt = self._series(key)
-            if len(fmt) >= 2 * w and len(accuracy) >= 2 * w:
-                rise = _mean(fmt[-w:]) - _mean(fmt[:w])
-                gain = _mean(accuracy[-w:]) - _mean(accuracy[:w])
+            fmt = self._start_and_now(key)
+            if fmt and accuracy:
+                rise, gain = fmt[1] - fmt[0], accuracy[1] - accuracy[0]
                 if rise > c.format_gap and gain < c.format_gap / 4:
                     found.append(Alarm(
                         "format_hacking", f"{key} rose by {rise:.2f} while accuracy moved {gain:+.2f}",
