@@ -43,7 +43,7 @@ def cmd_validate(args: argparse.Namespace, console: Console) -> int:
     _quiet_libraries()
     from graft.validate import validate_or_raise
 
-    memory = validate_or_raise(cfg)
+    memory = validate_or_raise(cfg).memory
     console.print("[green]config OK[/green]" + (f"; memory estimate: {memory.describe()}" if memory else ""))
     return 0
 

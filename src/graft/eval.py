@@ -4,8 +4,6 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 
-import torch
-
 from graft.rewards.builtin import RewardFn
 from graft.rollout.sampler import sample
 from graft.tasks.base import Problem, Task
@@ -34,10 +32,8 @@ def encode_prompts(tokenizer, task: Task, problems: list[Problem]) -> list[list[
     return encoded
 
 
-def decode_completions(tokenizer, completion_ids: torch.Tensor, completion_mask: torch.Tensor) -> list[str]:
-    lengths = completion_mask.sum(dim=1).tolist()
-    rows = [ids[:n].tolist() for ids, n in zip(completion_ids, lengths, strict=True)]
-    return tokenizer.batch_decode(rows, skip_special_tokens=True)
+def decode_completions(tokenizer, token_lists: list[list[int]]) -> list[str]:
+    return tokenizer.batch_decode(token_lists, skip_special_tokens=True)
 
 
 def evaluate(
@@ -70,7 +66,7 @@ def evaluate(
             stop_ids=stop_ids,
             greedy=True,
         )
-        texts = decode_completions(tokenizer, rollout.completion_ids, rollout.completion_mask)
+        texts = decode_completions(tokenizer, rollout.completion_token_lists())
         prompts, columns = task.reward_inputs(chunk)
         scores = correctness(prompts, texts, **columns)
         correct += sum(1.0 for s in scores if s is not None and s >= 1.0)

@@ -169,15 +169,15 @@ class Tracker:
 
     def write(self, record: dict[str, Any]) -> None:
         self.jsonl.write(record)
-        step = int(record["step"])
+        if not self.sinks:
+            return
+        values = {k: v.item() if hasattr(v, "item") else v for k, v in record.items() if k != "step"}
         numeric = {
-            k: float(_jsonable(v))
-            for k, v in record.items()
-            if k != "step" and isinstance(_jsonable(v), int | float) and not isinstance(v, bool)
-            and math.isfinite(float(_jsonable(v)))
+            k: float(v) for k, v in values.items()
+            if isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
         }  # fmt: skip
         for sink in self.sinks:
-            sink.log(step, numeric)
+            sink.log(int(record["step"]), numeric)
 
     def write_completions(self, rows: list[dict[str, Any]]) -> None:
         for row in rows:

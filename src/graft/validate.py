@@ -9,12 +9,14 @@ from __future__ import annotations
 import importlib.util
 import shutil
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from graft.config import Config, ConfigError
+from graft.tasks.base import Task
 
 GiB = 1024**3
 
@@ -132,20 +134,38 @@ def _writable_parent(path: Path) -> Path:
     return path
 
 
+@dataclass
+class Checked:
+    """What the checks built on the way, handed to the run so nothing is loaded twice."""
+
+    problems: list[str]
+    memory: MemoryEstimate | None
+    task: Task | None
+    rewards: dict[str, Callable]  # spec -> function, for the specs that loaded
+
+
 def check_run(cfg: Config, estimate: bool = True) -> tuple[list[str], MemoryEstimate | None]:
     """(problems, memory estimate) for a resolved config; loads no weights."""
+    checked = _check(cfg, estimate)
+    return checked.problems, checked.memory
+
+
+def _check(cfg: Config, estimate: bool = True) -> Checked:
     from graft.models import ModelError, model_location_problem, resolve_device, resolve_model_path
     from graft.rewards.runtime import load_reward
     from graft.tasks import build_task
     from graft.train.run import RunDir, RunDirError
 
     problems: list[str] = []
-    checks = [lambda: build_task(cfg.task)] + [
-        lambda s=spec: load_reward(s) for spec in cfg.rewards.functions or []
-    ]
-    for check in checks:
+    task, rewards = None, {}
+    try:
+        task = build_task(cfg.task)
+    except ConfigError as exc:
+        problems.append(str(exc))
+    specs = cfg.rewards.functions or (list(task.default_rewards) if task else [])
+    for spec in specs:
         try:
-            check()
+            rewards[spec] = load_reward(spec)
         except ConfigError as exc:
             problems.append(str(exc))
     from graft.tracking import TRACKER_PACKAGES
@@ -197,12 +217,12 @@ def check_run(cfg: Config, estimate: bool = True) -> tuple[list[str], MemoryEsti
                     f"not enough disk: checkpoints need ~{needed / GiB:.1f} GiB in {out}, {free / GiB:.1f} GiB "
                     "free; free space, move logging.output_dir, or lower checkpoint.keep_last_n"
                 )
-    return problems, est
+    return Checked(problems, est, task, rewards)
 
 
-def validate_or_raise(cfg: Config) -> MemoryEstimate | None:
-    problems, est = check_run(cfg)
-    if problems:
-        raise ConfigError(f"{len(problems)} problem(s) found before loading the model:\n" + "\n".join(
-            f"  - {p}" for p in problems))  # fmt: skip
-    return est
+def validate_or_raise(cfg: Config) -> Checked:
+    checked = _check(cfg)
+    if checked.problems:
+        raise ConfigError(f"{len(checked.problems)} problem(s) found before loading the model:\n" + "\n".join(
+            f"  - {p}" for p in checked.problems))  # fmt: skip
+    return checked

@@ -182,3 +182,18 @@ def test_math_task_trains_with_math_verify_in_workers_for_rewards_and_eval(tiny_
     )
     evals = json.loads((tmp_path / "math" / "eval.json").read_text())
     assert evals["before"]["num_problems"] == 4
+
+
+def test_a_reward_file_is_imported_once_by_the_trainer_and_once_per_worker(tiny_model_dir, tmp_path):
+    log = tmp_path / "imports.log"
+    path = tmp_path / "counted.py"
+    path.write_text(
+        f"with open({str(log)!r}, 'a') as f:\n    f.write('imported\\n')\n\n"
+        "def one(completions, **kw):\n    return [1.0] * len(completions)\n"
+    )
+    tiny_run(
+        tiny_model_dir, tmp_path, "counted", f"rewards.functions=['{path}:one']", "rewards.num_workers=1"
+    )
+    assert (
+        log.read_text().count("imported") == 2
+    )  # the checks' import is reused by the run, plus the worker's

@@ -152,10 +152,12 @@ class RewardRuntime:
     max_failure_rate: float = 0.5
     min_calls: int = 4  # the failure rate is judged only after this many calls of a function
     completion_format: str = "messages"  # what user functions receive, as TRL gives chat-prompted data
+    functions: dict[str, Any] = field(default_factory=dict)  # already loaded (by the checks), by spec
     stats: dict[str, RewardStats] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        self.functions = {spec: load_reward(spec) for spec in self.specs}  # every spec fails here, not later
+        # every spec fails here, not later; ones the checks already imported are not imported again
+        self.functions = {spec: self.functions.get(spec) or load_reward(spec) for spec in self.specs}
         self.stats = {spec: RewardStats() for spec in self.specs}
         user = [s for s in self.specs if not runs_in_process(s)]
         ctx = mp.get_context("spawn")  # fork after torch's thread pools start can deadlock the child

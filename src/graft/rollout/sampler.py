@@ -27,6 +27,13 @@ class Rollout:
     def completion_lengths(self) -> torch.Tensor:  # (B,)
         return self.completion_mask.sum(dim=1)
 
+    def completion_token_lists(self) -> list[list[int]]:
+        """Each completion's token ids up to and including its stop token (B lists)."""
+        return [
+            ids[:n].tolist()
+            for ids, n in zip(self.completion_ids, self.completion_lengths.tolist(), strict=True)
+        ]
+
 
 def left_pad(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(ids (N, P), mask (N, P)) with each sequence pushed to the right edge."""

@@ -30,7 +30,7 @@ from graft.models import (
 )
 from graft.rewards.runtime import RewardRuntime, reward_name
 from graft.rollout.sampler import Rollout, position_ids_from_mask, sample
-from graft.tasks import Problem, Task, build_task
+from graft.tasks import Problem, Task
 from graft.tracking import ProgressDisplay, Tracker
 from graft.train.checkpoint import (
     load_trainer_state,
@@ -275,11 +275,10 @@ def update_policy(policy, optimizer, scheduler, batch: ScoredBatch, cfg: Config,
 def step_metrics(batch: ScoredBatch, per_fn: dict[str, torch.Tensor], zero_variance: torch.Tensor) -> dict:
     r = batch.rollout
     lengths = r.completion_lengths.float()
+    scored = batch.rewards[~torch.isnan(batch.rewards)]  # completions some reward applied to
     metrics = {
         "reward/mean": batch.rewards.nanmean().item(),
-        "reward/std": batch.rewards[~torch.isnan(batch.rewards)].std().item()
-        if batch.rewards.numel() > 1
-        else 0.0,
+        "reward/std": scored.std().item() if scored.numel() > 1 else 0.0,
     }
     for name, values in per_fn.items():
         metrics[f"reward/{name}/mean"] = values.nanmean().item()
@@ -328,7 +327,8 @@ class TrainingError(RuntimeError):
 def train(cfg: Config, console=None, stop_after: int | None = None) -> Path:
     """Run GRPO as configured; returns the run directory. stop_after=k stops after step k exactly as a
     Ctrl-C would (checkpoint, then TrainingInterrupted), for notebooks and tests."""
-    memory = validate_or_raise(cfg)  # every config, data, path, disk and memory problem, before any loading
+    checked = validate_or_raise(cfg)  # every config, data, path, disk and memory problem, before any loading
+    memory = checked.memory
     run, resume_from = RunDir.for_config(cfg)
     display = ProgressDisplay(cfg.train.max_steps, cfg.logging.progress, console)
     if memory is not None:
@@ -346,12 +346,12 @@ def train(cfg: Config, console=None, stop_after: int | None = None) -> Path:
     deterministic_before = torch.are_deterministic_algorithms_enabled()  # process-wide: put back at the end
     set_seed(cfg.train.seed, cfg.train.threads, cfg.train.deterministic)
 
-    # Everything that can be wrong with the data or rewards fails here, before the model loads.
-    task = build_task(cfg.task)
+    # The task and the reward functions were built by the checks above; nothing is read or imported twice.
+    task = checked.task
     rc = cfg.rewards
     functions = rc.functions or list(task.default_rewards)
     runtime = RewardRuntime(functions, rc.timeout, rc.num_workers, rc.on_error, rc.max_failure_rate,
-                            completion_format=rc.completion_format)  # fmt: skip
+                            completion_format=rc.completion_format, functions=checked.rewards)  # fmt: skip
     weights = rc.weights or [1.0] * len(functions)
     correctness_name = task.default_rewards[0]
     # accuracy goes through a runtime too: math-verify may hang, so it never runs unguarded in this process
@@ -426,12 +426,10 @@ def train(cfg: Config, console=None, stop_after: int | None = None) -> Path:
                 r = rollout(policy, tokenizer, task, problems, cfg, stop_ids, generator)
                 t1 = time.perf_counter()
 
-                texts = decode_completions(tokenizer, r.completion_ids, r.completion_mask)
+                token_lists = r.completion_token_lists()
+                texts = decode_completions(tokenizer, token_lists)
                 prompts, columns = task.reward_inputs([p for p in problems for _ in range(r.group_size)])
-                lengths = r.completion_mask.sum(1).tolist()
-                columns["completion_ids"] = [
-                    ids[:n].tolist() for ids, n in zip(r.completion_ids, lengths, strict=True)
-                ]
+                columns["completion_ids"] = token_lists  # TRL passes them too; length rewards use them
                 columns["max_completion_length"] = [cfg.generation.max_new_tokens] * len(texts)
                 rewards, per_fn = score_completions(runtime, weights, prompts, texts, columns)
                 if correctness_name not in per_fn:  # accuracy is logged even when training on other rewards
