@@ -95,7 +95,7 @@ def test_a_real_run_with_a_tiny_length_limit_raises_the_truncation_alarm(tiny_mo
     cfg = load_config(None, [
         f"model.name={tiny_model_dir}", "task.num_train=20", "task.num_eval=2", "grpo.num_generations=2",
         "generation.max_new_tokens=2", "train.max_steps=2", "eval.at_start=false", f"logging.output_dir={tmp_path}",
-        "logging.run_name=short", "logging.progress=lines",
+        "logging.run_name=short", "logging.progress=lines", "gate.enabled=false",
     ])  # fmt: skip
     run = train(cfg)
     out = capsys.readouterr().out

@@ -16,7 +16,7 @@ def tracked_run(tiny_model_dir, tmp_path_factory):
     cfg = load_config(None, [
         f"model.name={tiny_model_dir}", "task.num_train=20", "task.num_eval=2", "grpo.num_generations=2",
         "generation.max_new_tokens=4", "train.max_steps=3", "eval.at_start=false", f"logging.output_dir={out}",
-        "logging.run_name=tracked", "logging.progress=lines", "logging.print_config=false",
+        "logging.run_name=tracked", "logging.progress=lines", "logging.print_config=false", "gate.enabled=false",
         "logging.report_to=[tensorboard, wandb, trackio, mlflow]", "logging.project=graft-test",
         "logging.completions_every=2",
     ])  # fmt: skip

@@ -287,7 +287,7 @@ def main(argv: list[str] | None = None) -> int:
     summary = {f: summarize(rs) for f, rs in raw.items()}
 
     from graft.config import ModelConfig, TaskConfig
-    from graft.eval import encode_prompts
+    from graft.evaluation import encode_prompts
     from graft.models import load_tokenizer, resolve_model_path
     from graft.tasks import build_task
 

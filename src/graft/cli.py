@@ -1,4 +1,5 @@
-"""`graft train | validate | config | completions | doctor | bench`: the command line."""
+"""`graft train | sft | eval | generate | chat | compare | export | report | validate | config | completions |
+doctor | bench`: the command line."""
 
 from __future__ import annotations
 
@@ -31,7 +32,6 @@ def _quiet_libraries() -> None:
 
 def cmd_train(args: argparse.Namespace, console: Console) -> int:
     cfg = load_config(args.config, args.overrides)
-    _quiet_libraries()
     from graft.train.grpo import train
 
     train(cfg, console=console)
@@ -40,7 +40,6 @@ def cmd_train(args: argparse.Namespace, console: Console) -> int:
 
 def cmd_validate(args: argparse.Namespace, console: Console) -> int:
     cfg = load_config(args.config, args.overrides)
-    _quiet_libraries()
     from graft.validate import validate_or_raise
 
     memory = validate_or_raise(cfg).memory
@@ -120,6 +119,9 @@ def build_parser() -> argparse.ArgumentParser:
     config.add_argument("overrides", nargs="*", help="dotted overrides")
     config.add_argument("--keys", action="store_true", help="list every config key, its default and help")
     config.set_defaults(func=cmd_config)
+    from graft.commands import register
+
+    register(sub)
     # listed for --help; its options are parsed by graft.bench itself (see main)
     sub.add_parser(
         "bench", help="GRPO step benchmark, graft vs TRL side by side (graft bench --help)", add_help=False
@@ -141,14 +143,18 @@ def main(argv: list[str] | None = None) -> int:
 
         return bench_main(argv[1:])
     args = build_parser().parse_args(argv)
-    if args.command in ("train", "validate", "config"):
+    if args.command in ("train", "validate", "config") or getattr(args, "split_config", False):
         _split_config_arg(args)
+    if args.command not in ("config", "doctor", "completions", "report"):
+        _quiet_libraries()
     # soft_wrap: long paths and messages stay on one line (copyable), the terminal wraps them if it must
     console = Console(soft_wrap=True)
     err = Console(stderr=True, soft_wrap=True)
+    from graft.export import ExportError
     from graft.models import ModelError
     from graft.rewards.runtime import RewardError
     from graft.train.checkpoint import CheckpointError
+    from graft.train.gate import GateError
     from graft.train.grpo import TrainingError, TrainingInterrupted
     from graft.train.run import RunDirError
 
@@ -157,7 +163,7 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, ModelError, RunDirError) as exc:
         err.print(f"[bold red]error:[/bold red] {escape(str(exc))}", highlight=False)
         return 2
-    except (TrainingError, CheckpointError, RewardError) as exc:
+    except (TrainingError, CheckpointError, RewardError, GateError, ExportError) as exc:
         err.print(f"[bold red]training stopped:[/bold red] {escape(str(exc))}", highlight=False)
         return 1
     except TrainingInterrupted as exc:

@@ -36,6 +36,11 @@ class ModelConfig(_Section):
         None, description="where built-in models are cached as safetensors (default ~/.cache/graft)"
     )
     trust_remote_code: bool = Field(False, description="allow custom model code from the hub")
+    adapter: str | None = Field(
+        None,
+        description="LoRA adapter folder folded into the model at load, e.g. runs/<sft run>/final "
+        "(train from an SFT warm-up)",
+    )
 
 
 class LoraConfig(_Section):
@@ -211,6 +216,41 @@ class EvalConfig(_Section):
         None, ge=1, description="length limit for eval (default: generation's)"
     )
     batch_size: int = Field(32, ge=1, description="prompts decoded together")
+    num_samples: int = Field(
+        0, ge=0, description="completions sampled per problem for pass@k and maj@k (0 = greedy only)"
+    )
+    temperature: float = Field(1.0, gt=0, description="sampling temperature for pass@k / maj@k samples")
+    num_samples_kept: int = Field(
+        8, ge=0, description="greedy completions kept in eval.json (before/after samples in the report)"
+    )
+
+
+class SftConfig(_Section):
+    enabled: bool = Field(
+        False, description="graft train: run the SFT warm-up first (into <run>/sft), then GRPO from it"
+    )
+    data: str = Field(
+        "task",
+        description="JSONL of {prompt, completion} or {messages}, or 'task' = worked solutions the task "
+        "generates (arithmetic, countdown)",
+    )
+    max_steps: int = Field(40, ge=1, description="optimizer steps")
+    batch_size: int = Field(8, ge=1, description="examples per optimizer step")
+    learning_rate: float = Field(5e-4, gt=0, description="peak learning rate (linear warmup, then constant)")
+    warmup_steps: int = Field(2, ge=0, description="linear warmup, in optimizer steps")
+    max_length: int = Field(512, ge=8, description="examples longer than this many tokens are cut")
+
+
+class GateConfig(_Section):
+    enabled: bool = Field(
+        True, description="probe the model before GRPO and stop if a gated reward is zero on every sample"
+    )
+    num_prompts: int = Field(
+        4, ge=1, description="training prompts probed (grpo.num_generations samples each)"
+    )
+    rewards: list[str] | None = Field(
+        None, description="rewards that must not be all zero (default: correctness and format rewards)"
+    )
 
 
 class CheckpointConfig(_Section):
@@ -265,6 +305,8 @@ class Config(_Section):
     generation: GenerationConfig = Field(default_factory=GenerationConfig, description="rollout sampling")
     train: TrainConfig = Field(default_factory=TrainConfig, description="optimizer and loop")
     eval: EvalConfig = Field(default_factory=EvalConfig, description="held-out evaluation")
+    sft: SftConfig = Field(default_factory=SftConfig, description="supervised warm-up (graft sft)")
+    gate: GateConfig = Field(default_factory=GateConfig, description="probe before GRPO starts")
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig, description="checkpoints")
     logging: LoggingConfig = Field(default_factory=LoggingConfig, description="run directory and console")
     health: HealthConfig = Field(default_factory=HealthConfig, description="training-health alarm thresholds")

@@ -192,9 +192,33 @@ def load_model(cfg: ModelConfig, device: torch.device | None = None):
             "hub id, or model.name=builtin:smollm2-135m-instruct"
         )
         raise ModelError(f"cannot load model '{cfg.name}': {hint}\n  cause: {exc}") from exc
+    if cfg.adapter:
+        model = fold_adapter(model, cfg.adapter)
     model.to(device)
     model.eval()
     return model, tokenizer
+
+
+def adapter_location_problem(path: str) -> str | None:
+    """Why `path` is not a LoRA adapter folder (None: it is one)."""
+    folder = Path(path).expanduser()
+    if not folder.is_dir():
+        return f"adapter folder '{path}' does not exist (a finished graft sft run has one at runs/<name>/final)"
+    if not (folder / "adapter_config.json").is_file():
+        hint = " it holds a full model: use model.name" if (folder / "config.json").is_file() else ""
+        return f"'{path}' has no adapter_config.json, so it is not a LoRA adapter folder;{hint}"
+    return None
+
+
+def fold_adapter(model, adapter: str):
+    """The model with a LoRA adapter merged into its weights: the starting point (and, with beta > 0, the
+    KL reference) of a run that continues an SFT warm-up. A new adapter can then be trained on top."""
+    from peft import PeftModel
+
+    problem = adapter_location_problem(adapter)
+    if problem:
+        raise ModelError(f"model.adapter: {problem}")
+    return PeftModel.from_pretrained(model, str(Path(adapter).expanduser())).merge_and_unload()
 
 
 def add_lora(model, cfg: LoraConfig, seed: int):

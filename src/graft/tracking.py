@@ -226,6 +226,7 @@ _SHOWN = (
     ("completion_length/mean", "len"),
     ("tokens_per_s", "tok/s"),
     ("eval/accuracy", "eval acc"),
+    ("sft/loss", "loss"),
 )
 
 
@@ -241,7 +242,9 @@ def summary_line(metrics: dict[str, Any]) -> str:
 class ProgressDisplay:
     """A live bar with ETA on a terminal; one plain line per step otherwise (CI logs, pipes)."""
 
-    def __init__(self, total_steps: int, mode: str = "auto", console: Console | None = None):
+    def __init__(
+        self, total_steps: int, mode: str = "auto", console: Console | None = None, label: str = "GRPO"
+    ):
         self.console = console or Console(soft_wrap=True)
         self.total = total_steps
         self.use_bar = mode == "bar" or (mode == "auto" and sys.stdout.isatty())
@@ -251,7 +254,7 @@ class ProgressDisplay:
         self._progress: Progress | None = None
         if self.use_bar:
             self._progress = Progress(
-                TextColumn("[bold]GRPO"),
+                TextColumn(f"[bold]{label}"),
                 BarColumn(),
                 MofNCompleteColumn(),
                 TimeElapsedColumn(),

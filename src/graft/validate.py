@@ -151,7 +151,13 @@ def check_run(cfg: Config, estimate: bool = True) -> tuple[list[str], MemoryEsti
 
 
 def _check(cfg: Config, estimate: bool = True) -> Checked:
-    from graft.models import ModelError, model_location_problem, resolve_device, resolve_model_path
+    from graft.models import (
+        ModelError,
+        adapter_location_problem,
+        model_location_problem,
+        resolve_device,
+        resolve_model_path,
+    )
     from graft.rewards.runtime import load_reward
     from graft.tasks import build_task
     from graft.train.run import RunDir, RunDirError
@@ -178,6 +184,11 @@ def _check(cfg: Config, estimate: bool = True) -> Checked:
     model_problem = model_location_problem(cfg.model.name)
     if model_problem:
         problems.append(f"'model.name': {model_problem}")
+    if cfg.model.adapter and cfg.sft.enabled:
+        problems.append("'model.adapter' and 'sft.enabled' both give the starting adapter; with sft.enabled the "
+                        "run trains its own warm-up (in <run>/sft), so drop one of them")  # fmt: skip
+    elif cfg.model.adapter and (adapter_problem := adapter_location_problem(cfg.model.adapter)):
+        problems.append(f"'model.adapter': {adapter_problem}")
     try:
         RunDir.for_config(cfg)
     except RunDirError as exc:

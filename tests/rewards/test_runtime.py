@@ -141,7 +141,7 @@ def tiny_run(model_dir, out, name, *overrides):
     cfg = load_config(None, [
         f"model.name={model_dir}", "task.num_train=20", "task.num_eval=2", "grpo.num_generations=2",
         "generation.max_new_tokens=4", "train.max_steps=2", "eval.at_start=false", f"logging.output_dir={out}",
-        f"logging.run_name={name}", "logging.progress=lines", "logging.print_config=false", *overrides,
+        f"logging.run_name={name}", "logging.progress=lines", "logging.print_config=false", "gate.enabled=false", *overrides,
     ])  # fmt: skip
     run = train(cfg)
     return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if '"loss"' in line]

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from graft.config import TaskConfig
-from graft.eval import encode_prompts
+from graft.evaluation import encode_prompts
 from graft.models import stop_token_ids
 from graft.rollout.sampler import sample
 from graft.tasks import build_task

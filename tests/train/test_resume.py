@@ -53,6 +53,7 @@ def resume_config(model_dir, out_dir, name, *overrides):
             f"logging.run_name={name}",
             "logging.progress=lines",
             "logging.print_config=false",
+            "gate.enabled=false",  # a random model: correctness is zero by construction
             *overrides,
         ],
     )
@@ -167,7 +168,7 @@ def cli_overrides(model_dir, out_dir, name, *extra):
         f"model.name={model_dir}", "task.num_train=12", "task.num_eval=2", "grpo.num_generations=2",
         "generation.max_new_tokens=4", "train.prompts_per_step=2", "checkpoint.every_n_steps=1",
         "eval.at_start=false", f"logging.output_dir={out_dir}", f"logging.run_name={name}",
-        "logging.progress=lines", *extra,
+        "logging.progress=lines", "gate.enabled=false", *extra,
     ]  # fmt: skip
 
 

@@ -20,4 +20,19 @@ def build_task(cfg: TaskConfig) -> Task:
     return dataset_task(cfg)
 
 
-__all__ = ["Problem", "Task", "build_task"]
+def system_prompt(cfg: TaskConfig) -> str | None:
+    """The system prompt a task's runs use, without reading its data (for generate, chat and compare)."""
+    from graft.tasks.base import compose_system_prompt
+
+    if cfg.name == "arithmetic":
+        from graft.tasks.arithmetic import SYSTEM
+    elif cfg.name == "countdown":
+        from graft.tasks.countdown import SYSTEM
+    else:
+        from graft.tasks.datasets import DEFAULTS
+
+        SYSTEM = DEFAULTS[cfg.name][5]
+    return compose_system_prompt(cfg, SYSTEM)
+
+
+__all__ = ["Problem", "Task", "build_task", "system_prompt"]

@@ -16,6 +16,11 @@ def _problem(a: int, op: str, b: int) -> Problem:
     return Problem(prompt=f"What is {a} {op} {b}?", answer=str(_OPS[op](a, b)))
 
 
+def _solve(problem: Problem) -> tuple[str, str, str]:
+    expression = problem.prompt.removeprefix("What is ").removesuffix("?")
+    return f"{expression} = {problem.answer}", problem.answer, problem.answer
+
+
 SYSTEM = "Solve the arithmetic problem. End your reply with the final answer as a plain integer."
 
 
@@ -44,5 +49,11 @@ def arithmetic_task(cfg: TaskConfig) -> Task:
     problems = [_problem(*t) for t in triples]
     # When the space is smaller than num_train + num_eval, training gets every problem not held out.
     return make_task(
-        cfg, "arithmetic", problems[cfg.num_eval :], problems[: cfg.num_eval], SYSTEM, "last_integer"
+        cfg,
+        "arithmetic",
+        problems[cfg.num_eval :],
+        problems[: cfg.num_eval],
+        SYSTEM,
+        "last_integer",
+        solve=_solve,
     )

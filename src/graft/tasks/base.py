@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import random
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -24,7 +25,26 @@ class Task:
     train: list[Problem]
     eval: list[Problem]
     system_prompt: str | None
-    default_rewards: tuple[str, ...]
+    default_rewards: tuple[str, ...]  # the first is the correctness reward (accuracy)
+    prompt_format: str = "plain"  # plain | reasoning | think: where the final answer is expected
+    strict_reward: str | None = None  # a stricter correctness reward (GSM8K's '#### n'), for eval
+    # (worked steps, final answer, the whole reply in the plain format): SFT demonstrations from the task
+    solve: Callable[[Problem], tuple[str, str, str]] | None = None
+
+    def demonstration(self, problem: Problem) -> str:
+        """A completion in the wanted format that solves `problem`: SFT warm-up data from the task itself."""
+        if self.solve is None:
+            from graft.config import ConfigError
+
+            raise ConfigError(
+                f"task {self.name} cannot write worked solutions; give sft.data a JSONL file of "
+                '{"prompt": ..., "completion": ...} lines'
+            )
+        work, answer, plain = self.solve(problem)
+        if self.prompt_format == "plain":
+            return plain
+        tag = "think" if self.prompt_format == "think" else "reasoning"
+        return f"<{tag}>\n{work}\n</{tag}>\n<answer>\n{answer}\n</answer>"
 
     def messages(self, problem: Problem) -> list[dict[str, str]]:
         """The chat messages for a problem, the same in training, evaluation and inference."""
@@ -41,14 +61,21 @@ class Task:
 
 
 def make_task(cfg, name: str, train: list[Problem], eval_: list[Problem], default_system: str | None,
-              correctness: str) -> Task:  # fmt: skip
+              correctness: str, strict: str | None = None, solve=None) -> Task:  # fmt: skip
     """A task with the configured system prompt and answer format; format rewards join when one is asked."""
+    system = compose_system_prompt(cfg, default_system)
+    rewards = (correctness,) if cfg.prompt_format == "plain" else (correctness, "format_tags")
+    return Task(name=name, train=train, eval=eval_, system_prompt=system, default_rewards=rewards,
+                prompt_format=cfg.prompt_format, strict_reward=strict, solve=solve)  # fmt: skip
+
+
+def compose_system_prompt(cfg, default_system: str | None) -> str | None:
+    """The configured system prompt ('default' = the task's own) followed by the answer-format instructions."""
     system = default_system if cfg.system_prompt == "default" else cfg.system_prompt
     instructions = FORMAT_INSTRUCTIONS[cfg.prompt_format]
     if instructions:
         system = f"{system}\n{instructions}" if system else instructions
-    rewards = (correctness,) if cfg.prompt_format == "plain" else (correctness, "format_tags")
-    return Task(name=name, train=train, eval=eval_, system_prompt=system, default_rewards=rewards)
+    return system
 
 
 def split_off_eval(problems: list[Problem], num_eval: int, seed: int) -> tuple[list[Problem], list[Problem]]:

@@ -17,35 +17,47 @@ SYSTEM = (
 )
 
 
-def _solvable(rng: random.Random, numbers: list[int]) -> int | None:
-    """Combine the numbers in a random order with random operators; None if the value is not a positive int."""
+def _solvable(rng: random.Random, numbers: list[int]) -> tuple[int, str] | None:
+    """Combine the numbers in a random order with random operators: (target, the expression that makes it),
+    or None if the value is not a positive int."""
     order = numbers[:]
     rng.shuffle(order)
     value = Fraction(order[0])
+    expression = str(order[0])
     for n in order[1:]:
         op = rng.choice("+-*/")
         if op == "/" and (n == 0 or (value / n).denominator != 1):
             op = "+"
         value = {"+": value + n, "-": value - n, "*": value * n, "/": value / n if n else value}[op]
-    return int(value) if value.denominator == 1 and 0 < value <= 1000 else None
+        expression = (
+            f"({expression}) {op} {n}" if op in "*/" and " " in expression else f"{expression} {op} {n}"
+        )
+    return (int(value), expression) if value.denominator == 1 and 0 < value <= 1000 else None
 
 
 def countdown_task(cfg: TaskConfig) -> Task:
     rng = random.Random(cfg.seed)
     lo, hi = max(1, cfg.min_operand), max(2, cfg.max_operand)
-    problems, seen = [], set()
+    problems, seen, solutions = [], set(), {}
     attempts = 0
     while len(problems) < cfg.num_train + cfg.num_eval and attempts < 100 * (cfg.num_train + cfg.num_eval):
         attempts += 1
         numbers = sorted(rng.randint(lo, hi) for _ in range(cfg.num_numbers))
-        target = _solvable(rng, numbers)
-        if target is None or (tuple(numbers), target) in seen:
+        solved = _solvable(rng, numbers)
+        if solved is None or (tuple(numbers), solved[0]) in seen:
             continue
+        target, expression = solved
         seen.add((tuple(numbers), target))
         prompt = f"Numbers: {', '.join(map(str, numbers))}. Target: {target}."
+        solutions.setdefault(prompt, expression)
         problems.append(Problem(prompt, str(target), {"numbers": numbers, "target": target}))
     train, held = split_off_eval(problems, cfg.num_eval, cfg.seed)
-    return make_task(cfg, "countdown", train, held, SYSTEM, "countdown")
+
+    def solve(problem: Problem) -> tuple[str, str, str]:
+        expression = solutions[problem.prompt]
+        return f"{expression} = {problem.answer}", expression, expression
+
+    return make_task(cfg, "countdown", train, held, SYSTEM, "countdown", solve=solve)
 
 
 _ANSWER = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)

@@ -123,6 +123,9 @@ def gold_answer(task: str, raw) -> str | None:
     return text.strip()
 
 
+_CALCULATOR_NOTE = re.compile(r"<<[^>]*>>")
+
+
 def dataset_task(cfg: TaskConfig) -> Task:
     _, _, prompt_default, answer_default, correctness, system = DEFAULTS[cfg.name]
     prompt_col, answer_col = cfg.prompt_column or prompt_default, cfg.answer_column or answer_default
@@ -151,13 +154,26 @@ def dataset_task(cfg: TaskConfig) -> Task:
         out = []
         for row in rows:
             gold = gold_answer(cfg.name, row[answer_col])
+            if gold and cfg.name == "gsm8k" and "####" in str(row[answer_col]):
+                # the rationale before '####', without the <<48/2=24>> calculator notes: SFT demonstrations
+                work = _CALCULATOR_NOTE.sub("", str(row[answer_col]).split("####")[0]).strip()
+                rationales.setdefault(str(row[prompt_col]), work)
             if gold:
                 extra = {k: v for k, v in row.items() if k not in (prompt_col, answer_col)}
                 out.append(Problem(str(row[prompt_col]), gold, extra))
         return out
 
+    rationales: dict[str, str] = {}
+
+    def solve(problem: Problem) -> tuple[str, str, str]:
+        work = rationales[problem.prompt]
+        return work, problem.answer, f"{work}\n#### {problem.answer}"
+
     train = problems(cfg.train_split)
     held = problems(cfg.eval_split) if cfg.eval_split else None
     if held is None:
         train, held = split_off_eval(train, cfg.num_eval, cfg.seed)
-    return make_task(cfg, cfg.name, train[: cfg.num_train], held[: cfg.num_eval], system, correctness)
+    strict, solver = ("gsm8k_strict", solve) if cfg.name == "gsm8k" else (None, None)  # lm-eval's '#### n'
+    return make_task(
+        cfg, cfg.name, train[: cfg.num_train], held[: cfg.num_eval], system, correctness, strict, solver
+    )

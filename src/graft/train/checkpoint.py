@@ -33,7 +33,13 @@ class CheckpointError(RuntimeError):
     """A checkpoint could not be written; the ones already on disk are intact."""
 
 
-def _atomic_dir(target: Path, write) -> Path:
+def atomic_dir(
+    target: Path,
+    write,
+    advice: str = "free disk space or move logging.output_dir. Checkpoints written before are intact.",
+) -> Path:
+    """Fill a hidden temporary folder with write(tmp), then rename it to target: readers never see half a
+    folder, and a failure leaves nothing behind but a CheckpointError whose message ends with `advice`."""
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
@@ -48,8 +54,7 @@ def _atomic_dir(target: Path, write) -> Path:
         shutil.rmtree(tmp, ignore_errors=True)
         reason = getattr(exc, "strerror", None) or str(exc).strip().splitlines()[-1]
         raise CheckpointError(
-            f"could not write {target} ({reason}); free disk space or move logging.output_dir. "
-            "Checkpoints written before are intact."
+            f"could not write {target} ({reason}); {advice}"
         ) from exc
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -60,7 +65,7 @@ def _atomic_dir(target: Path, write) -> Path:
 def save_model(model, tokenizer, target: Path) -> Path:
     """The adapter (LoRA) or the full model, with the tokenizer, loadable by PEFT / transformers."""
 
-    return _atomic_dir(target, lambda tmp: _write_model(model, tokenizer, tmp))
+    return atomic_dir(target, lambda tmp: _write_model(model, tokenizer, tmp))
 
 
 def _write_model(model, tokenizer, folder: Path) -> None:
@@ -96,7 +101,7 @@ def save_checkpoint(
             tmp / "trainer_state.pt",
         )
 
-    path = _atomic_dir(checkpoints_dir / f"{CHECKPOINT_PREFIX}{step:06d}", write)
+    path = atomic_dir(checkpoints_dir / f"{CHECKPOINT_PREFIX}{step:06d}", write)
     (checkpoints_dir / "latest").write_text(path.name + "\n")  # written last: points only at complete ones
     prune_checkpoints(checkpoints_dir, keep_last_n)
     return path

@@ -18,7 +18,7 @@ from rich.markup import escape
 
 from graft import algo
 from graft.config import Config
-from graft.eval import decode_completions, encode_prompts, evaluate
+from graft.evaluation import decode_completions, encode_prompts, evaluate
 from graft.health import HealthMonitor
 from graft.models import (
     add_lora,
@@ -28,10 +28,12 @@ from graft.models import (
     split_lm_head,
     stop_token_ids,
 )
+from graft.report import write_report
 from graft.rewards.runtime import RewardRuntime, reward_name
 from graft.rollout.sampler import Rollout, position_ids_from_mask, sample
 from graft.tasks import Problem, Task
 from graft.tracking import ProgressDisplay, Tracker
+from graft.train import gate
 from graft.train.checkpoint import (
     load_trainer_state,
     remove_torn_saves,
@@ -40,6 +42,7 @@ from graft.train.checkpoint import (
     save_model,
 )
 from graft.train.run import PromptOrder, RunDir, StopRequest, build_optimizer, set_seed
+from graft.train.sft import run_sft
 from graft.validate import validate_or_raise
 
 
@@ -341,6 +344,8 @@ def train(cfg: Config, console=None, stop_after: int | None = None) -> Path:
                           f"(the config says {cfg.train.seed}; a run keeps the seed it started with)")  # fmt: skip
             cfg = cfg.model_copy(deep=True)  # the caller's config object stays as given
             cfg.train.seed = saved_seed
+    if cfg.sft.enabled:  # the chained recipe: SFT warm-up in <run>/sft, then GRPO starts from its result
+        cfg = warm_start(cfg, checked.task, run.path / "sft", display.console)
     if cfg.logging.print_config:
         display.print(f"[bold]graft[/bold] run directory: {run.path}\n[dim]{escape(cfg.to_yaml())}[/dim]")
     deterministic_before = torch.are_deterministic_algorithms_enabled()  # process-wide: put back at the end
@@ -388,11 +393,15 @@ def train(cfg: Config, console=None, stop_after: int | None = None) -> Path:
         health.restore(state["trainer_state"]["health"])
 
     def run_eval(tag: str, step: int) -> float:
+        e = cfg.eval
+        # its own generator: pass@k sampling must not move the training sampler's random sequence
+        eval_generator = torch.Generator(device=device).manual_seed(cfg.train.seed + step)
         with merged_adapter(policy, cfg.generation.merge_adapter):
             result = evaluate(
                 policy, tokenizer, task, correctness,
-                max_new_tokens=cfg.eval.max_new_tokens or cfg.generation.max_new_tokens,
-                stop_ids=stop_ids, num_problems=cfg.eval.num_prompts, batch_size=cfg.eval.batch_size,
+                max_new_tokens=e.max_new_tokens or cfg.generation.max_new_tokens, stop_ids=stop_ids,
+                num_problems=e.num_prompts, batch_size=e.batch_size, num_samples_kept=e.num_samples_kept,
+                num_samples=e.num_samples, temperature=e.temperature, generator=eval_generator,
             )  # fmt: skip
         eval_history[tag] = {"step": step, **result.to_dict()}
         run.write_json("eval.json", eval_history)
@@ -412,6 +421,8 @@ def train(cfg: Config, console=None, stop_after: int | None = None) -> Path:
         )  # fmt: skip
 
     try:
+        if cfg.gate.enabled and state is None:
+            run_gate(policy, tokenizer, task, cfg, runtime, judge, correctness_name, stop_ids, run, display)
         if cfg.eval.at_start and state is None:
             display.print("evaluating the base model on the held-out split ...")
             accuracy = run_eval("before", 0)
@@ -506,5 +517,49 @@ def train(cfg: Config, console=None, stop_after: int | None = None) -> Path:
         runtime.close()
         judge.close()
         torch.use_deterministic_algorithms(deterministic_before)
-    run.print_summary(display, eval_history)
+    report = write_report(run.path)
+    run.print_summary(display, eval_history, report)
     return run.path
+
+
+def warm_start(cfg: Config, task: Task, sft_dir: Path, console) -> Config:
+    """Run the SFT warm-up unless its result is already there (a resumed run), and return the config GRPO
+    runs with: the same, starting from the warm-up's adapter (or full model)."""
+    final = sft_dir / "final"
+    if not ((final / "adapter_config.json").is_file() or (final / "config.json").is_file()):
+        run_sft(cfg, task, sft_dir, console)
+    cfg = cfg.model_copy(deep=True)
+    cfg.sft.enabled = False  # done: the saved config reads "GRPO from this warm-up"
+    if cfg.lora.enabled:
+        cfg.model.adapter = str(final)
+    else:
+        cfg.model.name = str(final)
+    return cfg
+
+
+def run_gate(policy, tokenizer, task, cfg, runtime, judge, correctness_name, stop_ids, run, display) -> None:
+    """Probe before the first step; writes gate.json and raises GateError when a gated reward is all zero."""
+
+    def score(prompts, completions, columns) -> dict[str, list]:
+        scores = {reward_name(k): v for k, v in runtime.score(prompts, completions, columns).items()}
+        if correctness_name not in scores:
+            scores[correctness_name] = judge.score(prompts, completions, columns, only=correctness_name)[
+                correctness_name
+            ]
+        return scores
+
+    functions = [reward_name(f) for f in (cfg.rewards.functions or task.default_rewards)]
+    gated = gate.gated_rewards(task, functions, cfg.gate.rewards)
+    unknown = [g for g in gated if g not in functions and g != correctness_name]
+    if unknown:
+        raise gate.GateError(f"gate.rewards names {unknown}, which this run does not compute; use some of "
+                             f"{sorted(set(functions) | {correctness_name})}")  # fmt: skip
+    display.print(f"gate: probing {cfg.gate.num_prompts} training prompts x {cfg.grpo.num_generations} ...")
+    result = gate.probe(policy, tokenizer, task, cfg, score, stop_ids, gated)
+    run.write_json("gate.json", {"passed": not result.failing(), "rewards": result.summary()})
+    gate.check(result, min(cfg.gate.num_prompts, len(task.train)), cfg.grpo.num_generations)
+    parts = [
+        f"{n} mean {v['mean']:.2f} ({v['nonzero']}/{v['scored']} nonzero)"
+        for n, v in result.summary().items()
+    ]
+    display.print("gate passed: " + "; ".join(parts))

@@ -72,22 +72,21 @@ class RunDir:
         tmp.write_text(json.dumps(data, indent=2))
         os.replace(tmp, self.path / name)
 
-    def print_summary(self, display, eval_history: dict) -> None:
-        table = Table(title="graft: run finished")
-        table.add_column("")
-        table.add_column("held-out accuracy", justify="right")
-        table.add_column("mean length", justify="right")
-        table.add_column("truncated", justify="right")
-        for tag, result in eval_history.items():
-            table.add_row(
-                f"{tag} (step {result['step']})",
-                f"{result['accuracy']:.3f}",
-                f"{result['mean_length']:.1f}",
-                f"{result['truncated_fraction']:.2f}",
-            )
-        display.print(table)
+    def print_summary(self, display, eval_history: dict, report: Path | None = None) -> None:
+        """The before / after table of the held-out evaluation, and where everything was written."""
+        from graft.report import summary_rows
+
+        rows = summary_rows(eval_history)
+        if rows:
+            table = Table(title="graft: run finished (held-out split)")
+            for col in ("", "before", "after", "change"):
+                table.add_column(col, justify="left" if not col else "right")
+            for row in rows:
+                table.add_row(*row)
+            display.print(table)
         display.print(
-            f"run directory: {self.path}  (config.yaml, metrics.jsonl, completions.jsonl, eval.json, checkpoints/, final/)"
+            f"run directory: {self.path}  (config.yaml, metrics.jsonl, completions.jsonl, eval.json, "
+            "checkpoints/, final/)" + (f"\nreport: {report}" if report else "")
         )
 
 

@@ -1,0 +1,365 @@
+"""The commands that use a trained model: graft sft | eval | generate | chat | compare | export | report.
+Each takes a run directory (--run runs/<name>) or a recipe + overrides, and prompts the model through the
+chat template and system prompt the run trained with."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+
+from graft.config import ConfigError, load_config
+
+
+def add_target_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("config", nargs="?", help="YAML recipe (when not using --run)")
+    parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. generation.max_new_tokens=128")
+    parser.add_argument("--run", help="a run directory (runs/<name>): its config, and final/ or a checkpoint")
+    parser.add_argument("--checkpoint", help="with --run: a checkpoint name (step-000010) instead of final/")
+
+
+def _target(args):
+    from graft.inference import resolve_target
+
+    return resolve_target(args.run, args.config, args.overrides, args.checkpoint)
+
+
+def _judge(task, cfg):
+    """(correctness function, runtime to close): accuracy through the reward runtime, as in training."""
+    from graft.rewards.runtime import RewardRuntime
+
+    name = task.default_rewards[0]
+    runtime = RewardRuntime([name], cfg.rewards.timeout, 1)
+
+    def correctness(prompts, completions, **columns):
+        return runtime.score(prompts, completions, columns, only=name)[name]
+
+    return correctness, runtime
+
+
+def _conversation(system: str | None, prompt: str) -> list[dict[str, str]]:
+    return ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
+
+
+def _read_prompts(args) -> list[str]:
+    prompts = list(args.prompt or [])
+    if args.prompts:
+        path = Path(args.prompts)
+        if not path.is_file():
+            raise ConfigError(f"--prompts {path}: no such file (one prompt per line, or JSONL with 'prompt')")
+        for number, line in enumerate(path.read_text().splitlines(), 1):
+            if not line.strip():
+                continue
+            if line.lstrip().startswith("{"):
+                try:
+                    prompts.append(str(json.loads(line)["prompt"]))
+                except (json.JSONDecodeError, KeyError, TypeError) as exc:
+                    raise ConfigError(f"{path}:{number}: a JSON line needs a 'prompt' key ({exc})") from exc
+            else:
+                prompts.append(line.strip())
+    return prompts
+
+
+# ----------------------------------------------------------------------------------------------- sft
+
+
+def cmd_sft(args, console: Console) -> int:
+    from graft.tasks import build_task
+    from graft.train.sft import run_sft
+
+    cfg = load_config(args.config, args.overrides)
+    if cfg.resume is not None:
+        raise ConfigError("graft sft does not resume (a warm-up is short): run it again")
+    if not cfg.logging.run_name:
+        cfg.logging.run_name = f"{cfg.task.name}-sft-{time.strftime('%Y%m%d-%H%M%S')}"
+    out = Path(cfg.logging.output_dir) / cfg.logging.run_name
+    if out.exists() and any(out.iterdir()):
+        raise ConfigError(f"{out} already exists and is not empty; pick another logging.run_name")
+    final = run_sft(cfg, build_task(cfg.task), out, console)
+    console.print(f"SFT adapter: {final}\nGRPO from it:  graft train <recipe> model.adapter={final}")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------- eval
+
+
+def cmd_eval(args, console: Console) -> int:
+    import torch
+
+    from graft.evaluation import evaluate
+    from graft.inference import load_target
+    from graft.models import stop_token_ids
+    from graft.tasks import build_task
+
+    target = _target(args)
+    cfg = target.cfg
+    task = build_task(cfg.task)
+    problems = task.train if args.split == "train" else task.eval
+    problems = problems[: args.num] if args.num else problems
+    model, tokenizer = load_target(target, with_weights=not args.base)
+    correctness, runtime = _judge(task, cfg)
+    start = time.perf_counter()
+    try:
+        result = evaluate(
+            model, tokenizer, task, correctness, problems=problems,
+            max_new_tokens=args.max_new_tokens or cfg.eval.max_new_tokens or cfg.generation.max_new_tokens,
+            stop_ids=stop_token_ids(model, tokenizer), batch_size=cfg.eval.batch_size,
+            num_samples=args.samples, temperature=args.temperature or cfg.eval.temperature,
+            generator=torch.Generator(device=next(model.parameters()).device).manual_seed(cfg.train.seed),
+        )  # fmt: skip
+    finally:
+        runtime.close()
+    label = f"{target.label}{' (base)' if args.base else ''}"
+    data = {"model": label, "task": cfg.task.name, "split": args.split, "seconds": time.perf_counter() - start,
+            **result.to_dict()}  # fmt: skip
+    if args.output:
+        Path(args.output).write_text(json.dumps(data, indent=2))
+    if args.json:
+        print(json.dumps(data, indent=2))
+        return 0
+    table = Table(
+        title=f"graft eval: {label} on {cfg.task.name} ({args.split}, {result.num_problems} problems)"
+    )
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    rows = [("greedy accuracy", result.accuracy), ("strict accuracy", result.accuracy_strict),
+            ("format compliance", result.format_compliance)]  # fmt: skip
+    rows += [(f"pass@{k}", v) for k, v in result.pass_at_k.items()]
+    rows += [(f"maj@{k}", v) for k, v in result.maj_at_k.items()]
+    rows += [("mean length", result.mean_length), ("p95 length", result.p95_length),
+             ("truncation", result.truncated_fraction)]  # fmt: skip
+    for name, value in rows:
+        if value is not None:
+            table.add_row(name, f"{value:.1f}" if "length" in name else f"{value:.3f}")
+    console.print(table)
+    if args.output:
+        console.print(f"results: {args.output}")
+    return 0
+
+
+# ------------------------------------------------------------------------------- generate / chat / compare
+
+
+def cmd_generate(args, console: Console) -> int:
+    from graft.inference import generate, load_target
+    from graft.tasks import system_prompt
+
+    prompts = _read_prompts(args)
+    if not prompts:
+        raise ConfigError("nothing to generate from: pass --prompt TEXT (repeatable) or --prompts FILE")
+    target = _target(args)
+    model, tokenizer = load_target(target)
+    system = system_prompt(target.cfg.task)
+    replies = generate(model, tokenizer, [_conversation(system, p) for p in prompts],
+                       max_new_tokens=args.max_new_tokens or target.cfg.generation.max_new_tokens,
+                       temperature=args.temperature, seed=args.seed)  # fmt: skip
+    for prompt, reply in zip(prompts, replies, strict=True):
+        if args.json:
+            print(json.dumps({"prompt": prompt, "completion": reply}))
+        else:
+            console.print(f"[bold]> {escape(prompt)}[/bold]\n{escape(reply)}\n")
+    return 0
+
+
+def cmd_chat(args, console: Console) -> int:
+    """Turns from stdin (a terminal or a pipe); /reset forgets the conversation, /exit or EOF ends it."""
+    from graft.inference import generate, load_target
+    from graft.tasks import system_prompt
+
+    target = _target(args)
+    model, tokenizer = load_target(target)
+    system = system_prompt(target.cfg.task)
+    history: list[dict[str, str]] = [{"role": "system", "content": system}] if system else []
+    interactive = sys.stdin.isatty()
+    if interactive:
+        console.print(f"chatting with {target.label} (system prompt: {system!r}); /reset, /exit")
+    max_new = args.max_new_tokens or target.cfg.generation.max_new_tokens
+    turn = 0
+    while True:
+        line = console.input("[bold]you>[/bold] ") if interactive else sys.stdin.readline()
+        if not line:  # EOF
+            break
+        text = line.strip()
+        if text in ("/exit", "/quit"):
+            break
+        if text == "/reset":
+            history = history[:1] if system else []
+            console.print("[dim](conversation reset)[/dim]")
+            continue
+        if not text:
+            continue
+        history.append({"role": "user", "content": text})
+        reply = generate(model, tokenizer, [history], max_new_tokens=max_new, temperature=args.temperature,
+                         seed=args.seed + turn)[0]  # fmt: skip
+        history.append({"role": "assistant", "content": reply})
+        turn += 1
+        console.print(f"[bold cyan]assistant>[/bold cyan] {escape(reply)}", highlight=False)
+    return 0
+
+
+def cmd_compare(args, console: Console) -> int:
+    """The model before the run and after it, on the same prompts: held-out problems (scored) by default."""
+    from graft.inference import generate, load_target
+    from graft.tasks import Problem, build_task, system_prompt
+
+    target = _target(args)
+    if target.weights is None:
+        raise ConfigError("compare needs a trained model: pass --run runs/<name>")
+    cfg = target.cfg
+    prompts = _read_prompts(args)
+    if prompts:
+        task, problems = None, [Problem(p, "") for p in prompts]
+    else:
+        task = build_task(cfg.task)
+        problems = task.eval[: args.num]
+    system = task.system_prompt if task else system_prompt(cfg.task)
+    conversations = [_conversation(system, p.prompt) for p in problems]
+    decode = dict(max_new_tokens=args.max_new_tokens or cfg.generation.max_new_tokens,
+                  temperature=args.temperature, seed=args.seed)  # fmt: skip
+    tuned_model, tokenizer = load_target(target)
+    tuned = generate(tuned_model, tokenizer, conversations, **decode)
+    if target.is_adapter:  # the same weights with the run's adapter switched off
+        base = generate(tuned_model, tokenizer, conversations, use_adapter=False, **decode)
+    else:
+        del tuned_model
+        base_model, _ = load_target(target, with_weights=False)
+        base = generate(base_model, tokenizer, conversations, **decode)
+    marks = [[""] * len(problems), [""] * len(problems)]
+    if task is not None:
+        correctness, runtime = _judge(task, cfg)
+        try:
+            msgs, columns = task.reward_inputs(problems)
+            for i, texts in enumerate((base, tuned)):
+                marks[i] = ["✓ " if s == 1.0 else "✗ " for s in correctness(msgs, texts, **columns)]
+        finally:
+            runtime.close()
+    table = Table(title=f"graft compare: before vs after {target.label}", show_lines=True)
+    table.add_column("prompt", ratio=2)
+    if task is not None:
+        table.add_column("answer")
+    table.add_column("before (start of the run)", ratio=3)
+    table.add_column("after (tuned)", ratio=3)
+    for j, p in enumerate(problems):
+        cells = [escape(p.prompt)] + ([escape(p.answer)] if task else [])
+        table.add_row(*cells, marks[0][j] + escape(base[j]), marks[1][j] + escape(tuned[j]))
+    console.print(table)
+    if task is not None:
+        before, after = (sum(m == "✓ " for m in ms) for ms in marks)
+        console.print(f"correct: before {before}/{len(problems)}, after {after}/{len(problems)}")
+    return 0
+
+
+# -------------------------------------------------------------------------------------- export / report
+
+
+def cmd_export(args, console: Console) -> int:
+    from graft import export
+
+    target = _target(args)
+    if target.weights is None:
+        raise ConfigError("export needs a trained model: pass --run runs/<name>")
+    out = Path(args.to)
+    if out.exists() and any(out.iterdir()) and not args.force:
+        raise ConfigError(f"{out} exists and is not empty; choose another --to or pass --force to replace it")
+    out.mkdir(parents=True, exist_ok=True)
+    merged = args.merged or args.gguf or not args.adapter  # merged is the default, and GGUF is made from it
+    pushed_folder = None
+    if args.adapter:
+        path = export.export_adapter(target, out / "adapter")
+        console.print(f"adapter: {path}")
+        pushed_folder = path
+    if merged:
+        report = export.export_merged(
+            target, out / "merged", parity=not args.no_parity, tolerance=args.parity_tol
+        )
+        console.print(f"merged model: {report['path']} ({report['dtype']})")
+        if "parity_max_abs_logprob_diff" in report:
+            console.print(f"parity: max |log-prob difference| merged vs adapter = "
+                          f"{report['parity_max_abs_logprob_diff']:.2e} nats over {report['parity_tokens']} "
+                          f"tokens (tolerance {report['parity_tolerance']:g})")  # fmt: skip
+        pushed_folder = out / "merged"
+    if args.gguf:
+        gguf = export.export_gguf(
+            out / "merged", out / f"{target.label}-{args.gguf_dtype}.gguf", args.gguf_dtype
+        )
+        console.print(f"gguf: {gguf['path']} (read back: max |log-prob difference| "
+                      f"{gguf['reload_max_abs_logprob_diff']:.2e}, tolerance {gguf['tolerance']})")  # fmt: skip
+    if args.push_to_hub:
+        url = export.push_to_hub(pushed_folder, args.push_to_hub, private=args.private)
+        console.print(f"pushed {pushed_folder} to {url}")
+    return 0
+
+
+def cmd_report(args, console: Console) -> int:
+    from graft.report import write_report
+
+    run = Path(args.run)
+    if not run.is_dir():
+        raise ConfigError(f"{run} is not a directory; pass a run directory such as runs/<name>")
+    console.print(f"report: {write_report(run)}")
+    return 0
+
+
+def register(sub) -> None:
+    """Add these commands to the `graft` parser."""
+    sft = sub.add_parser("sft", help="supervised warm-up on examples of the wanted format (then graft train)")
+    sft.add_argument("config", nargs="?", help="YAML recipe (its sft section, model, lora and task)")
+    sft.add_argument("overrides", nargs="*", help="dotted overrides, e.g. sft.max_steps=50")
+    sft.set_defaults(func=cmd_sft, split_config=True)
+
+    ev = sub.add_parser(
+        "eval", help="accuracy, pass@k, maj@k, format and lengths of a model or run on a task"
+    )
+    add_target_arguments(ev)
+    ev.add_argument("--base", action="store_true", help="with --run: the model before the run's training")
+    ev.add_argument("--split", choices=["eval", "train"], default="eval", help="task split (default: eval)")
+    ev.add_argument("--num", type=int, help="only the first N problems")
+    ev.add_argument("--samples", type=int, default=0, help="samples per problem for pass@k / maj@k")
+    ev.add_argument("--temperature", type=float, help="sampling temperature for --samples (default eval's)")
+    ev.add_argument("--max-new-tokens", type=int, help="completion length limit")
+    ev.add_argument("--output", help="write the results as JSON to this file")
+    ev.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    ev.set_defaults(func=cmd_eval, split_config=True)
+
+    for name, func, help_text in (
+        ("generate", cmd_generate, "complete prompts with the run's chat template and system prompt"),
+        ("chat", cmd_chat, "talk to a model or run (stdin: a terminal or a pipe)"),
+        ("compare", cmd_compare, "the model before vs after a run, side by side on the same prompts"),
+    ):
+        p = sub.add_parser(name, help=help_text)
+        add_target_arguments(p)
+        if name != "chat":
+            p.add_argument("--prompt", action="append", help="a prompt (repeatable)")
+            p.add_argument("--prompts", help="file: one prompt per line, or JSONL with a 'prompt' key")
+        if name == "compare":
+            p.add_argument("--num", type=int, default=8, help="held-out problems when no prompts are given")
+        if name == "generate":
+            p.add_argument("--json", action="store_true", help="JSON lines {prompt, completion}")
+        p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+        p.add_argument("--max-new-tokens", type=int, help="reply length limit (default: the run's)")
+        p.add_argument("--seed", type=int, default=0, help="sampling seed")
+        p.set_defaults(func=func, split_config=True)
+
+    ex = sub.add_parser("export", help="adapter, merged model (parity-checked), GGUF, hub push")
+    add_target_arguments(ex)
+    ex.add_argument("--to", required=True, help="output folder (gets adapter/, merged/, *.gguf)")
+    ex.add_argument("--adapter", action="store_true", help="the LoRA adapter folder")
+    ex.add_argument("--merged", action="store_true", help="a merged full model (the default)")
+    ex.add_argument("--gguf", action="store_true", help="also a GGUF file for llama.cpp (Llama-family)")
+    ex.add_argument("--gguf-dtype", choices=["f16", "f32"], default="f16", help="GGUF weight type")
+    ex.add_argument("--no-parity", action="store_true", help="skip the merged-vs-adapter check")
+    ex.add_argument("--parity-tol", type=float, help="max |log-prob difference| accepted (nats)")
+    ex.add_argument("--push-to-hub", metavar="REPO", help="upload the merged (else adapter) folder")
+    ex.add_argument("--private", action="store_true", help="create the hub repo private")
+    ex.add_argument("--force", action="store_true", help="replace a non-empty --to folder")
+    ex.set_defaults(func=cmd_export, split_config=True)
+
+    rep = sub.add_parser("report", help="(re)write runs/<name>/report.html")
+    rep.add_argument("run", help="run directory")
+    rep.set_defaults(func=cmd_report)
