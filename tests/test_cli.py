@@ -39,7 +39,9 @@ def test_train_from_the_command_line_shows_progress_and_summary(tiny_model_dir, 
     assert "max_steps: 2" in out  # the resolved config is printed at start
     assert "step 1/2" in out and "step 2/2" in out and "eta" in out
     assert "held-out split" in out and "greedy accuracy" in out and "change" in out  # before/after table
-    assert f"report: {tmp_path / 'cli' / 'report.html'}" in out and (tmp_path / "cli" / "report.html").is_file()
+    assert (
+        f"report: {tmp_path / 'cli' / 'report.html'}" in out and (tmp_path / "cli" / "report.html").is_file()
+    )
     lines = (tmp_path / "cli" / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(line)["step"] for line in lines] == [0, 1, 2, 2]
 

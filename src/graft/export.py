@@ -180,13 +180,13 @@ def export_gguf(merged_dir: Path, out_file: Path, dtype: str = "f16", tolerance:
     return report
 
 
-def push_to_hub(folder: Path, repo: str, private: bool = False) -> str:
+def push_to_hub(folder: Path, repo: str, private: bool = False, endpoint: str | None = None) -> str:
     """Upload an exported folder to a hub model repo (created if missing). Needs a network and a token
-    (`hf auth login` or HF_TOKEN)."""
+    (`hf auth login` or HF_TOKEN); endpoint: another hub than huggingface.co (HF_ENDPOINT also works)."""
     from huggingface_hub import HfApi
 
     try:
-        api = HfApi()
+        api = HfApi(endpoint=endpoint)
         api.create_repo(repo, private=private, exist_ok=True, repo_type="model")
         commit = api.upload_folder(folder_path=str(folder), repo_id=repo, commit_message="graft export")
     except Exception as exc:  # network, auth, permissions, offline mode: all end the same way for the user

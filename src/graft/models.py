@@ -203,7 +203,9 @@ def adapter_location_problem(path: str) -> str | None:
     """Why `path` is not a LoRA adapter folder (None: it is one)."""
     folder = Path(path).expanduser()
     if not folder.is_dir():
-        return f"adapter folder '{path}' does not exist (a finished graft sft run has one at runs/<name>/final)"
+        return (
+            f"adapter folder '{path}' does not exist (a finished graft sft run has one at runs/<name>/final)"
+        )
     if not (folder / "adapter_config.json").is_file():
         hint = " it holds a full model: use model.name" if (folder / "config.json").is_file() else ""
         return f"'{path}' has no adapter_config.json, so it is not a LoRA adapter folder;{hint}"

@@ -48,7 +48,9 @@ def decode_completions(tokenizer, token_lists: list[list[int]]) -> list[str]:
     return tokenizer.batch_decode(token_lists, skip_special_tokens=True)
 
 
-def strict_scores(task: Task, correctness: RewardFn, prompts, texts: list[str], columns) -> list[float] | None:
+def strict_scores(
+    task: Task, correctness: RewardFn, prompts, texts: list[str], columns
+) -> list[float] | None:
     """Correctness read strictly: only the <answer> block counts in tagged formats; GSM8K needs '#### n'.
     None when the task has one reading only."""
     if task.prompt_format != "plain":

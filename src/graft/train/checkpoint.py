@@ -53,9 +53,7 @@ def atomic_dir(
     except Exception as exc:  # OSError, safetensors' SafetensorError, torch.save's RuntimeError: all I/O here
         shutil.rmtree(tmp, ignore_errors=True)
         reason = getattr(exc, "strerror", None) or str(exc).strip().splitlines()[-1]
-        raise CheckpointError(
-            f"could not write {target} ({reason}); {advice}"
-        ) from exc
+        raise CheckpointError(f"could not write {target} ({reason}); {advice}") from exc
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -1,0 +1,49 @@
+"""pass@k, maj@k and the eval aggregation against counts done by hand."""
+
+import pytest
+
+from graft.config import TaskConfig
+from graft.evaluation.core import sampled_metrics
+from graft.evaluation.metrics import k_values, majority_correct, pass_at_k, percentile
+from graft.tasks import build_task
+
+
+def test_pass_at_k_by_hand():
+    # n=4, c=1: pass@1 = 1/4; pass@2 = 1 - C(3,2)/C(4,2) = 1 - 3/6 = 0.5; pass@4 = 1
+    assert pass_at_k(4, 1, 1) == pytest.approx(0.25)
+    assert pass_at_k(4, 1, 2) == pytest.approx(0.5)
+    assert pass_at_k(4, 1, 4) == 1.0
+    # n=5, c=2, k=2: 1 - C(3,2)/C(5,2) = 1 - 3/10
+    assert pass_at_k(5, 2, 2) == pytest.approx(0.7)
+    assert pass_at_k(4, 0, 4) == 0.0 and pass_at_k(4, 4, 1) == 1.0
+    with pytest.raises(ValueError, match="k <= n"):
+        pass_at_k(4, 1, 5)
+
+
+def test_majority_vote_by_hand():
+    assert majority_correct(["7", "7", "8"], [True, True, False]) is True
+    assert majority_correct(["8", "7", "8"], [False, True, False]) is False
+    assert majority_correct(["8", "7"], [False, True]) is False  # tie: the answer seen first wins
+    assert majority_correct([None, None, "7"], [False, False, True]) is True  # no answer does not vote
+    assert majority_correct([None, None], [False, False]) is False
+
+
+def test_k_values_and_percentile():
+    assert k_values(1) == [1] and k_values(4) == [1, 2, 4] and k_values(6) == [1, 2, 4, 6]
+    assert percentile([1, 2, 3, 4, 5], 50) == 3 and percentile([10, 20], 95) == pytest.approx(19.5)
+    assert percentile([], 95) == 0.0
+
+
+def test_sampled_metrics_on_a_fixture_with_known_answers():
+    task = build_task(TaskConfig(num_train=10, num_eval=4))  # plain format, last_integer correctness
+    # two problems, gold 5 and 9, four samples each (hits as the correctness reward would score them)
+    texts = ["5", "The answer is 5", "6", "no idea",
+             "8", "8", "9", "7"]  # fmt: skip
+    hits = [True, True, False, False, False, False, True, False]
+    pass_k, maj_k = sampled_metrics(task, texts, hits, n=4)
+    # problem 1: c=2 -> pass@1 0.5, pass@2 1 - C(2,2)/C(4,2) = 5/6, pass@4 1
+    # problem 2: c=1 -> pass@1 0.25, pass@2 0.5, pass@4 1
+    assert pass_k == pytest.approx({"1": 0.375, "2": (5 / 6 + 0.5) / 2, "4": 1.0})
+    # maj@2: p1 first two answers 5, 5 -> right; p2 8, 8 -> wrong => 0.5
+    # maj@4: p1 votes 5,5,6 (None abstains) -> 5 right; p2 8,8,9,7 -> 8 wrong => 0.5
+    assert maj_k == pytest.approx({"2": 0.5, "4": 0.5})
