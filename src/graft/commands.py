@@ -352,7 +352,7 @@ def register(sub) -> None:
     ex.add_argument("--adapter", action="store_true", help="the LoRA adapter folder")
     ex.add_argument("--merged", action="store_true", help="a merged full model (the default)")
     ex.add_argument("--gguf", action="store_true", help="also a GGUF file for llama.cpp (Llama-family)")
-    ex.add_argument("--gguf-dtype", choices=["f16", "f32"], default="f16", help="GGUF weight type")
+    ex.add_argument("--gguf-dtype", choices=["f16", "bf16", "f32"], default="f16", help="GGUF weight type")
     ex.add_argument("--no-parity", action="store_true", help="skip the merged-vs-adapter check")
     ex.add_argument("--parity-tol", type=float, help="max |log-prob difference| accepted (nats)")
     ex.add_argument("--push-to-hub", metavar="REPO", help="upload the merged (else adapter) folder")

@@ -424,7 +424,7 @@ def train(cfg: Config, console=None, stop_after: int | None = None) -> Path:
         if cfg.gate.enabled and state is None:
             run_gate(policy, tokenizer, task, cfg, runtime, judge, correctness_name, stop_ids, run, display)
         if cfg.eval.at_start and state is None:
-            display.print("evaluating the base model on the held-out split ...")
+            display.print("evaluating the starting model on the held-out split ...")
             accuracy = run_eval("before", 0)
             display.print(f"held-out accuracy before training: {accuracy:.3f}")
             tracker.write({"step": 0, "eval/accuracy": accuracy})
@@ -511,6 +511,10 @@ def train(cfg: Config, console=None, stop_after: int | None = None) -> Path:
         if cfg.eval.at_end:
             accuracy = run_eval("after", cfg.train.max_steps)
             tracker.write({"step": cfg.train.max_steps, "eval/accuracy": accuracy})
+    except BaseException:
+        with contextlib.suppress(Exception):  # best effort: the error that stopped the run matters more
+            display.print(f"report so far: {write_report(run.path)}")
+        raise
     finally:
         display.close()
         tracker.close()
