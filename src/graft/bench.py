@@ -44,6 +44,7 @@ def bench_overrides(args: argparse.Namespace, out_dir: str) -> list[str]:
         "eval.at_start=false",
         "eval.at_end=false",
         "eval.every_n_steps=0",
+        "gate.enabled=false",  # forced 64-token completions are not about learning; TRL has no probe either
         "checkpoint.every_n_steps=0",
         f"logging.output_dir={out_dir}",
         "logging.run_name=bench",
