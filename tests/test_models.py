@@ -59,3 +59,37 @@ def test_builtin_conversion_is_faithful_to_the_gguf(tmp_path):
     # a second load reads the cache (no conversion) and gives the same weights
     again, _ = load_model(cfg, device=torch.device("cpu"))
     assert torch.equal(again.model.embed_tokens.weight, model.model.embed_tokens.weight)
+
+
+def _logits(model, ids):
+    with torch.no_grad():
+        return model(input_ids=ids).logits.float()
+
+
+@pytest.mark.parametrize("lora", [True, False])
+def test_sampling_copy_follows_the_policy_after_each_update(tiny_model, lora):
+    from graft.config import LoraConfig
+    from graft.models import SamplingCopy, add_lora, merged_adapter
+
+    policy = add_lora(tiny_model, LoraConfig(r=4), seed=0) if lora else tiny_model
+    ids = torch.randint(3, 60, (2, 12))
+    copy = SamplingCopy(policy, torch.float32)  # same dtype: the copy must be exact
+
+    def update():  # what an optimizer step does: trainable weights move
+        with torch.no_grad():
+            for p in policy.parameters():
+                if p.requires_grad:
+                    p.add_(torch.randn_like(p) * 0.05)
+
+    for _ in range(2):
+        update()
+        model = copy.refresh(policy)
+        with merged_adapter(policy) as reference:
+            assert torch.allclose(_logits(model, ids), _logits(reference, ids), atol=1e-5)
+    assert not hasattr(model, "peft_config") and not any(p.requires_grad for p in model.parameters())
+
+    bf16 = SamplingCopy(policy, torch.bfloat16).refresh(policy)
+    assert next(bf16.parameters()).dtype == torch.bfloat16
+    with merged_adapter(policy) as reference:
+        diff = (_logits(bf16, ids) - _logits(reference, ids)).abs().max()
+    assert 0 < diff < 0.05  # rounded, not a different model

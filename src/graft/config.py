@@ -173,6 +173,11 @@ class GenerationConfig(_Section):
     merge_adapter: bool = Field(
         True, description="sample from LoRA-merged weights (faster; a temporary copy of the adapted layers)"
     )
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto",
+        description="weights the rollout samples from; auto = the model's. bfloat16 on a float32 model = a "
+        "bf16 copy of the merged policy (faster decoding on CPUs with AVX512-BF16/AMX; training stays float32)",
+    )
 
     @model_validator(mode="after")
     def _check_lengths(self) -> GenerationConfig:

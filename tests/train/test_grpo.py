@@ -96,6 +96,8 @@ def test_train_fills_the_run_directory(tiny_model_dir, tmp_path):
         ["grpo.num_minibatches=2", "grpo.loss_type=grpo", "train.lr_scheduler=cosine"],
         ["grpo.loss_type=dr_grpo", "grpo.scale_rewards=batch", "generation.top_p=0.9"],
         ["grpo.loss_type=bnpo", "grpo.scale_rewards=none", "grpo.delta=2.0"],
+        ["generation.dtype=bfloat16"],  # sampling from a bf16 copy of the merged policy
+        ["generation.dtype=bfloat16", "lora.enabled=false"],
     ],
 )
 def test_algorithm_variants_train(tiny_model_dir, tmp_path, overrides):

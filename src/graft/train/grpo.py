@@ -21,10 +21,12 @@ from graft.config import Config
 from graft.evaluation import decode_completions, encode_prompts, evaluate
 from graft.health import HealthMonitor
 from graft.models import (
+    SamplingCopy,
     add_lora,
     load_model,
     merged_adapter,
     plain_linear_head,
+    resolve_dtype,
     split_lm_head,
     stop_token_ids,
 )
@@ -61,12 +63,17 @@ class ScoredBatch:
 
 
 def rollout(
-    policy, tokenizer, task: Task, problems: list[Problem], cfg: Config, stop_ids, generator
-) -> Rollout:
+    policy, tokenizer, task: Task, problems: list[Problem], cfg: Config, stop_ids, generator,
+    sampling_copy: SamplingCopy | None = None,
+) -> Rollout:  # fmt: skip
     policy.eval()  # no dropout while sampling: the sampler's log-probs must describe the policy we train
-    with merged_adapter(policy, cfg.generation.merge_adapter):
+    if sampling_copy is not None:  # e.g. a bf16 copy of the merged policy (generation.dtype)
+        weights = contextlib.nullcontext(sampling_copy.refresh(policy))
+    else:
+        weights = merged_adapter(policy, cfg.generation.merge_adapter)
+    with weights as model:
         return sample(
-            policy,
+            model,
             encode_prompts(tokenizer, task, problems),
             group_size=cfg.grpo.num_generations,
             max_new_tokens=cfg.generation.max_new_tokens,
@@ -374,6 +381,9 @@ def train(cfg: Config, console=None, stop_after: int | None = None) -> Path:
     if cfg.lora.enabled:
         policy = add_lora(policy, cfg.lora, cfg.train.seed)
     run.create(cfg)
+    sampling_copy = None
+    if cfg.generation.dtype != "auto" and resolve_dtype(cfg.generation.dtype, device) != policy.dtype:
+        sampling_copy = SamplingCopy(policy, resolve_dtype(cfg.generation.dtype, device))
     params = [p for p in policy.parameters() if p.requires_grad]
     optimizer, scheduler = build_optimizer(params, cfg)
     generator = torch.Generator(device=device).manual_seed(cfg.train.seed)
@@ -434,7 +444,7 @@ def train(cfg: Config, console=None, stop_after: int | None = None) -> Path:
             for step in range(first_step, cfg.train.max_steps + 1):
                 t0 = time.perf_counter()
                 problems = order.next_problems(cfg.train.prompts_per_step)
-                r = rollout(policy, tokenizer, task, problems, cfg, stop_ids, generator)
+                r = rollout(policy, tokenizer, task, problems, cfg, stop_ids, generator, sampling_copy)
                 t1 = time.perf_counter()
 
                 token_lists = r.completion_token_lists()
