@@ -204,6 +204,11 @@ class TrainConfig(_Section):
     lr_scheduler: Literal["cosine", "constant"] = Field("constant", description="schedule after warmup")
     max_grad_norm: float | None = Field(1.0, gt=0, description="gradient clipping norm (null = no clipping)")
     threads: int | None = Field(None, ge=1, description="torch CPU threads (default: all cores)")
+    autocast: Literal["none", "bfloat16", "float16"] = Field(
+        "none",
+        description="training forward under torch.autocast in this dtype (weights, Adam, loss stay as they "
+        "are); bfloat16 is ~1.8x faster on CPUs with AVX512-BF16/AMX",
+    )
     deterministic: bool = Field(
         False, description="deterministic kernels: a resumed run repeats a straight one bit for bit"
     )

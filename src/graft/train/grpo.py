@@ -188,15 +188,23 @@ def micro_batch(r: Rollout, idx: torch.Tensor, device) -> tuple[torch.Tensor, ..
     )
 
 
+def autocast(cfg: Config, device: torch.device):
+    """The training forward's mixed-precision context (train.autocast); the backward runs outside it."""
+    if cfg.train.autocast == "none":
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=getattr(torch, cfg.train.autocast))
+
+
 @torch.no_grad()
 def frozen_logprobs(model, r: Rollout, cfg: Config, device) -> torch.Tensor:
     """(B, T) log-probs of the whole rollout under `model` without gradients, micro-batch by micro-batch."""
     out = torch.zeros_like(r.logprobs)
     for idx in torch.arange(r.completion_ids.shape[0]).split(cfg.train.micro_batch_size):
         prompt_ids, prompt_mask, completion_ids, completion_mask = micro_batch(r, idx, device)
-        lp = completion_logprobs(
-            model, prompt_ids, prompt_mask, completion_ids, completion_mask, cfg.generation.temperature
-        )
+        with autocast(cfg, device):
+            lp = completion_logprobs(
+                model, prompt_ids, prompt_mask, completion_ids, completion_mask, cfg.generation.temperature
+            )
         out[idx, : lp.shape[1]] = lp.float().cpu() * completion_mask.cpu()
     return out
 
@@ -222,9 +230,10 @@ def update_policy(policy, optimizer, scheduler, batch: ScoredBatch, cfg: Config,
             for idx in mb.split(cfg.train.micro_batch_size):
                 prompt_ids, prompt_mask, completion_ids, mask = micro_batch(r, idx, device)
                 T = completion_ids.shape[1]
-                logprobs = completion_logprobs(
-                    policy, prompt_ids, prompt_mask, completion_ids, mask, cfg.generation.temperature
-                )
+                with autocast(cfg, device):
+                    logprobs = completion_logprobs(
+                        policy, prompt_ids, prompt_mask, completion_ids, mask, cfg.generation.temperature
+                    )
                 old = (
                     logprobs.detach()
                     if batch.old_logprobs is None
