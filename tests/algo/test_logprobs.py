@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from graft.algo import token_logprobs
+from graft.algo import linear_token_logprobs, token_logprobs
 
 
 def test_values_match_hand_computed_softmax():
@@ -71,3 +71,20 @@ def test_fused_head_by_hand():
     weight[:, 1] = 0.0
     out = linear_token_logprobs(torch.tensor([[[1.0, 0.0]]]), weight, torch.tensor([[2]]))
     assert out.item() == pytest.approx(math.log(5 / 8), abs=1e-6)
+
+
+def test_fused_head_backward_matches_autograd_under_bf16_autocast():
+    # The custom backward recomputes the logits; under autocast it must do so in bf16 as the forward did,
+    # or exp(logits - lse) mixes float32 logits with a bf16 log-sum-exp and the gradient drifts.
+    gen = torch.Generator().manual_seed(0)
+    hidden = (torch.randn(24, 32, generator=gen) * 3).requires_grad_()
+    weight = torch.randn(500, 32, generator=gen)
+    tokens = torch.randint(0, 500, (1, 24), generator=gen)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        fused = linear_token_logprobs(hidden[None], weight, tokens, temperature=0.7, chunk_rows=10)
+    (grad_fused,) = torch.autograd.grad(fused.sum(), hidden)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        plain = token_logprobs((hidden @ weight.T)[None], tokens, temperature=0.7)
+    (grad_plain,) = torch.autograd.grad(plain.sum(), hidden)
+    assert torch.allclose(fused, plain, atol=1e-3)
+    assert (grad_fused - grad_plain).abs().max() < 0.05 * grad_plain.abs().max()

@@ -120,3 +120,30 @@ def test_detached_ratio_at_mu_one_equals_an_explicit_old_logprob_pass(tiny_model
     assert results[0][0] == pytest.approx(results[1][0], abs=1e-6)
     for a, b in zip(results[0][1], results[1][1], strict=True):
         assert torch.allclose(a, b, atol=1e-6)
+
+
+def test_bf16_autocast_training_pass_is_close_to_float32(tiny_model):
+    """train.autocast=bfloat16 is an approximation, not a fast path: the whole training pass (shared prompts,
+    fused head) must stay close to float32: log-probs within bf16 rounding, gradients pointing the same way."""
+    model = add_lora(tiny_model, LoraConfig(r=4), seed=0)
+    with torch.no_grad():  # an adapter of a trained size (the lora_model fixture's is deliberately huge)
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.05, generator=torch.Generator().manual_seed(len(name)))
+    r = greedy(model)
+    args = (r.prompt_ids, r.prompt_mask, r.completion_ids, r.completion_mask, 0.7)
+
+    def logprobs_and_grads(autocast: bool):
+        model.zero_grad(set_to_none=True)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            lp = completion_logprobs(model, *args)
+        (lp * r.completion_mask).sum().backward()
+        grads = torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
+        return lp.detach(), grads
+
+    lp32, g32 = logprobs_and_grads(False)
+    lp16, g16 = logprobs_and_grads(True)
+    assert lp16.dtype == torch.float32
+    diff = (lp16 - lp32)[r.completion_mask.bool()].abs()
+    assert diff.mean() < 0.02 and diff.max() < 0.1  # bf16 keeps 8 mantissa bits; log-probs here ~ -4
+    assert torch.nn.functional.cosine_similarity(g16, g32, dim=0) > 0.95

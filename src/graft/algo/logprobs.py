@@ -51,6 +51,10 @@ class _LinearLogprobs(torch.autograd.Function):
             out[rows] = logits.gather(1, token_ids[rows, None]).squeeze(1) - lse[rows]
         ctx.save_for_backward(hidden, weight, token_ids, lse)
         ctx.temperature, ctx.chunk_rows = temperature, chunk_rows
+        # under autocast the logits were bf16 products: the backward must recompute them the same way, or
+        # softmax = exp(logits - lse) no longer sums to one and the gradient is wrong
+        device = hidden.device.type
+        ctx.autocast = (torch.is_autocast_enabled(device), torch.get_autocast_dtype(device), device)
         return out
 
     @staticmethod
@@ -59,17 +63,19 @@ class _LinearLogprobs(torch.autograd.Function):
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         grad_h = torch.empty_like(hidden) if need_h else None
         grad_w = torch.zeros_like(weight, dtype=torch.float32) if need_w else None
-        for start in range(0, hidden.shape[0], ctx.chunk_rows):
-            rows = slice(start, start + ctx.chunk_rows)
-            logits = (hidden[rows] @ weight.T).float() / ctx.temperature
-            # d logp / d logits = onehot(token) - softmax, scaled by the upstream gradient and 1 / T
-            grad_logits = torch.exp(logits - lse[rows, None]).mul_(-grad_out[rows, None])
-            grad_logits.scatter_add_(1, token_ids[rows, None], grad_out[rows, None])
-            grad_logits = grad_logits.div_(ctx.temperature).to(hidden.dtype)
-            if need_h:
-                grad_h[rows] = grad_logits @ weight
-            if need_w:
-                grad_w += grad_logits.T.float() @ hidden[rows].float()
+        enabled, dtype, device = ctx.autocast
+        with torch.autocast(device, dtype=dtype, enabled=enabled):
+            for start in range(0, hidden.shape[0], ctx.chunk_rows):
+                rows = slice(start, start + ctx.chunk_rows)
+                logits = (hidden[rows] @ weight.T).float() / ctx.temperature
+                # d logp / d logits = onehot(token) - softmax, scaled by the upstream gradient and 1 / T
+                grad_logits = torch.exp(logits - lse[rows, None]).mul_(-grad_out[rows, None])
+                grad_logits.scatter_add_(1, token_ids[rows, None], grad_out[rows, None])
+                grad_logits = grad_logits.div_(ctx.temperature).to(hidden.dtype)
+                if need_h:
+                    grad_h[rows] = grad_logits @ weight
+                if need_w:
+                    grad_w += grad_logits.T.float() @ hidden[rows].float()
         return grad_h, (grad_w.to(weight.dtype) if need_w else None), None, None, None
 
 
