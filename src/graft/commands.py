@@ -36,11 +36,7 @@ def _judge(task, cfg):
 
     name = task.default_rewards[0]
     runtime = RewardRuntime([name], cfg.rewards.timeout, 1)
-
-    def correctness(prompts, completions, **columns):
-        return runtime.score(prompts, completions, columns, only=name)[name]
-
-    return correctness, runtime
+    return runtime.scorer(name), runtime
 
 
 def _conversation(system: str | None, prompt: str) -> list[dict[str, str]]:

@@ -253,6 +253,15 @@ def stop_token_ids(model, tokenizer) -> list[int]:
     return sorted(ids)
 
 
+def merged_weight(layer) -> torch.Tensor:
+    """A LoRA layer's base weight with its active adapters' deltas added, as a new tensor."""
+    merged = layer.get_base_layer().weight.detach().clone()
+    for name in layer.active_adapters:
+        if name in layer.lora_A:
+            merged += layer.get_delta_weight(name).to(merged.dtype)
+    return merged
+
+
 @contextlib.contextmanager
 def merged_adapter(model, enabled: bool = True):
     """Run inference on base weights with the LoRA deltas folded in, so decoding pays no adapter cost.
@@ -276,12 +285,8 @@ def merged_adapter(model, enabled: bool = True):
         with torch.no_grad():
             for layer in layers:
                 base = layer.get_base_layer()
-                merged = base.weight.detach().clone()
-                for name in layer.active_adapters:
-                    if name in layer.lora_A:
-                        merged += layer.get_delta_weight(name).to(merged.dtype)
                 originals.append((base, base.weight))
-                base.weight = torch.nn.Parameter(merged, requires_grad=False)
+                base.weight = torch.nn.Parameter(merged_weight(layer), requires_grad=False)
         with model.disable_adapter():
             yield model
     finally:
@@ -318,11 +323,7 @@ class SamplingCopy:
             prefix = "base_model.model."
             for name, layer in policy.named_modules():
                 if isinstance(layer, LoraLayer) and name.startswith(prefix):
-                    merged = layer.get_base_layer().weight.detach().clone()
-                    for adapter in layer.active_adapters:
-                        if adapter in layer.lora_A:
-                            merged += layer.get_delta_weight(adapter).to(merged.dtype)
-                    self.model.get_submodule(name[len(prefix) :]).weight.copy_(merged)
+                    self.model.get_submodule(name[len(prefix) :]).weight.copy_(merged_weight(layer))
         return self.model
 
 

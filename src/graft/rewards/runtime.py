@@ -18,6 +18,7 @@ import multiprocessing as mp
 import multiprocessing.connection as mp_connection
 import time
 import traceback
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -162,6 +163,15 @@ class RewardRuntime:
         user = [s for s in self.specs if not runs_in_process(s)]
         ctx = mp.get_context("spawn")  # fork after torch's thread pools start can deadlock the child
         self.workers = [_Worker(ctx) for _ in range(min(self.num_workers, max(len(user), 1)))] if user else []
+
+    def scorer(self, spec: str) -> Callable[..., list[float]]:
+        """One of the functions as a plain reward function f(prompts, completions, **columns), still run
+        through this runtime (workers, timeouts): how accuracy is computed in training, eval and compare."""
+
+        def score_one(prompts, completions, **columns) -> list[float]:
+            return self.score(prompts, completions, columns, only=spec)[spec]
+
+        return score_one
 
     def score(
         self, prompts: list, completions: list, columns: dict[str, list], only: str | None = None

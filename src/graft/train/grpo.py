@@ -378,8 +378,7 @@ def train(cfg: Config, console=None, stop_after: int | None = None) -> Path:
     # accuracy goes through a runtime too: math-verify may hang, so it never runs unguarded in this process
     judge = runtime if correctness_name in functions else RewardRuntime([correctness_name], rc.timeout, 1)
 
-    def correctness(prompts, completions, **columns) -> list[float]:
-        return judge.score(prompts, completions, columns, only=correctness_name)[correctness_name]
+    correctness = judge.scorer(correctness_name)
 
     policy, tokenizer = load_model(cfg.model)
     device = next(policy.parameters()).device
@@ -566,9 +565,7 @@ def run_gate(policy, tokenizer, task, cfg, runtime, judge, correctness_name, sto
     def score(prompts, completions, columns) -> dict[str, list]:
         scores = {reward_name(k): v for k, v in runtime.score(prompts, completions, columns).items()}
         if correctness_name not in scores:
-            scores[correctness_name] = judge.score(prompts, completions, columns, only=correctness_name)[
-                correctness_name
-            ]
+            scores[correctness_name] = judge.scorer(correctness_name)(prompts, completions, **columns)
         return scores
 
     functions = [reward_name(f) for f in (cfg.rewards.functions or task.default_rewards)]
