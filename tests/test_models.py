@@ -66,14 +66,16 @@ def _logits(model, ids):
         return model(input_ids=ids).logits.float()
 
 
+@pytest.mark.parametrize("pack", [False, True])
 @pytest.mark.parametrize("lora", [True, False])
-def test_sampling_copy_follows_the_policy_after_each_update(tiny_model, lora):
+def test_sampling_copy_follows_the_policy_after_each_update(tiny_model, lora, pack):
     from graft.config import LoraConfig
     from graft.models import SamplingCopy, add_lora, merged_adapter
 
     policy = add_lora(tiny_model, LoraConfig(r=4), seed=0) if lora else tiny_model
     ids = torch.randint(3, 60, (2, 12))
-    copy = SamplingCopy(policy, torch.float32)  # same dtype: the copy must be exact
+    copy = SamplingCopy(policy, torch.float32, pack=pack)  # same dtype: exact up to summation order
+    assert bool(copy.packed) == pack and ("lm_head" in copy.packed) == pack  # the tied head too
 
     def update():  # what an optimizer step does: trainable weights move
         with torch.no_grad():
@@ -88,8 +90,8 @@ def test_sampling_copy_follows_the_policy_after_each_update(tiny_model, lora):
             assert torch.allclose(_logits(model, ids), _logits(reference, ids), atol=1e-5)
     assert not hasattr(model, "peft_config") and not any(p.requires_grad for p in model.parameters())
 
-    bf16 = SamplingCopy(policy, torch.bfloat16).refresh(policy)
-    assert next(bf16.parameters()).dtype == torch.bfloat16
+    bf16 = SamplingCopy(policy, torch.bfloat16, pack=pack).refresh(policy)
+    assert next(bf16.parameters()).dtype == torch.bfloat16  # the embeddings (never packed)
     with merged_adapter(policy) as reference:
         diff = (_logits(bf16, ids) - _logits(reference, ids)).abs().max()
     assert 0 < diff < 0.05  # rounded, not a different model

@@ -173,6 +173,11 @@ class GenerationConfig(_Section):
     merge_adapter: bool = Field(
         True, description="sample from LoRA-merged weights (faster; a temporary copy of the adapted layers)"
     )
+    pack_weights: bool = Field(
+        True,
+        description="CPU: sample from a copy of the merged policy with oneDNN-packed linear weights "
+        "(~1.4x faster decoding measured here, same float32 math up to summation order)",
+    )
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto",
         description="weights the rollout samples from; auto = the model's. bfloat16 on a float32 model = a "

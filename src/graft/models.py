@@ -10,6 +10,7 @@ import re
 import shutil
 import tempfile
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -295,35 +296,68 @@ def merged_adapter(model, enabled: bool = True):
 
 
 class SamplingCopy:
-    """A plain copy of the policy in another dtype that the rollout samples from, refreshed before each
-    rollout with the current (LoRA-merged) weights. In bfloat16 it halves the bytes each decode step reads,
-    while training keeps its own precision; the samples then come from the policy rounded to bfloat16, the
-    same trade as sampling with a bf16 inference engine.
+    """A plain copy of the policy that the rollout samples from, refreshed before each rollout with the
+    current (LoRA-merged) weights. Two reasons to keep one:
+    - pack=True (CPU): every nn.Linear becomes a oneDNN linear with its weight pre-packed, which decodes a
+      batch of 16 ~1.4x faster than the same float32 math through the default GEMM (greedy tokens equal,
+      log-probs within ~1e-5 on the built-in model);
+    - dtype=bfloat16: half the bytes per decode step while training keeps its precision; the samples then
+      come from the policy rounded to bfloat16, the trade of sampling with a bf16 inference engine.
     """
 
-    def __init__(self, policy, dtype: torch.dtype):
+    def __init__(self, policy, dtype: torch.dtype, pack: bool = False):
         from peft import PeftModel
 
         self.dtype = dtype
         self.is_peft = isinstance(policy, PeftModel)
+        self.packed: set[str] = set()  # module paths whose weights live in oneDNN's layout
         with torch.no_grad():
             model = copy.deepcopy(policy)
             model = model.merge_and_unload() if self.is_peft else model
             self.model = model.to(dtype).eval().requires_grad_(False)
+            if pack:
+                with warnings.catch_warnings():  # torch.utils.mkldnn is built on (deprecated) TorchScript
+                    warnings.simplefilter("ignore", DeprecationWarning)
+                    try:
+                        self._pack(self.model, "")
+                    except (ImportError, AttributeError, RuntimeError) as exc:  # a torch without it
+                        raise ModelError(f"generation.pack_weights: this torch cannot pack weights ({exc}); "
+                                         "set generation.pack_weights=false") from exc  # fmt: skip
+
+    def _pack(self, module: torch.nn.Module, prefix: str) -> None:
+        from torch.utils import mkldnn
+
+        for name, child in module.named_children():
+            if type(child) is torch.nn.Linear:
+                setattr(module, name, mkldnn.to_mkldnn(child, self.dtype))
+                self.packed.add(prefix + name)
+            else:
+                self._pack(child, f"{prefix}{name}.")
+
+    def _set_weight(self, path: str, weight: torch.Tensor) -> None:
+        target = self.model.get_submodule(path)
+        if path in self.packed:
+            target.weight = weight.to(self.dtype).to_mkldnn()
+        else:
+            target.weight.copy_(weight)
 
     def refresh(self, policy):
         """Copy the policy's current weights in (only the LoRA-adapted layers change under LoRA)."""
         from peft.tuners.lora import LoraLayer
 
         with torch.no_grad():
-            if not self.is_peft:
+            if not self.is_peft:  # full fine-tuning: everything may have moved (a tied head included)
+                for path, module in policy.named_modules():
+                    if path in self.packed:
+                        self._set_weight(path, module.weight)
                 for name, param in policy.named_parameters():
-                    self.model.get_parameter(name).copy_(param)
+                    if name.rpartition(".")[0] not in self.packed:
+                        self.model.get_parameter(name).copy_(param)
                 return self.model
             prefix = "base_model.model."
             for name, layer in policy.named_modules():
                 if isinstance(layer, LoraLayer) and name.startswith(prefix):
-                    self.model.get_submodule(name[len(prefix) :]).weight.copy_(merged_weight(layer))
+                    self._set_weight(name[len(prefix) :], merged_weight(layer))
         return self.model
 
 

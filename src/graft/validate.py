@@ -86,19 +86,22 @@ def estimate_memory(
     micro = min(cfg.train.micro_batch_size, batch)
 
     parts = {"weights": n_params * dtype_bytes}
+    # the rollout's own copy of the policy (graft.models.SamplingCopy) replaces the merged-layer copy
+    sampling_copy = cfg.generation.dtype != "auto" or (cfg.generation.pack_weights and device.type == "cpu")
     linear_params = sum(i * o for i, o in linears.values())
     if cfg.lora.enabled:
         targets = cfg.lora.target_modules
         chosen = [v for k, v in linears.items() if targets == "all-linear" or k.rsplit(".", 1)[-1] in targets]
         parts["adapter + Adam"] = sum(cfg.lora.r * (i + o) for i, o in chosen) * 16
-        if cfg.generation.merge_adapter and cfg.generation.dtype == "auto":
+        if cfg.generation.merge_adapter and not sampling_copy:
             parts["merged copy"] = linear_params * dtype_bytes
     else:
         parts["grads + Adam"] = n_params * (4 + 8)
         if cfg.grpo.beta > 0:
             parts["reference copy"] = n_params * dtype_bytes
-    if cfg.generation.dtype != "auto":
-        parts["sampling copy"] = n_params * torch.finfo(resolve_dtype(cfg.generation.dtype, device)).bits // 8
+    if sampling_copy:
+        sampling_dtype = cfg.model.dtype if cfg.generation.dtype == "auto" else cfg.generation.dtype
+        parts["sampling copy"] = n_params * torch.finfo(resolve_dtype(sampling_dtype, device)).bits // 8
     parts["rollout KV + logits"] = batch * (tokens * layers * 2 * kv_dim * dtype_bytes + vocab * 16)
     # activations kept for backward per token and layer: attention and MLP inputs (~6 hidden + 3 ffn)
     parts["activations"] = micro * tokens * layers * (6 * hidden + 3 * ffn) * max(dtype_bytes, 2)

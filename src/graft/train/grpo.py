@@ -390,8 +390,12 @@ def train(cfg: Config, console=None, stop_after: int | None = None) -> Path:
         policy = add_lora(policy, cfg.lora, cfg.train.seed)
     run.create(cfg)
     sampling_copy = None
-    if cfg.generation.dtype != "auto" and resolve_dtype(cfg.generation.dtype, device) != policy.dtype:
-        sampling_copy = SamplingCopy(policy, resolve_dtype(cfg.generation.dtype, device))
+    sampling_dtype = (
+        policy.dtype if cfg.generation.dtype == "auto" else resolve_dtype(cfg.generation.dtype, device)
+    )
+    pack = cfg.generation.pack_weights and device.type == "cpu" and torch.backends.mkldnn.is_available()
+    if pack or sampling_dtype != policy.dtype:
+        sampling_copy = SamplingCopy(policy, sampling_dtype, pack=pack)
     params = [p for p in policy.parameters() if p.requires_grad]
     optimizer, scheduler = build_optimizer(params, cfg)
     generator = torch.Generator(device=device).manual_seed(cfg.train.seed)
