@@ -51,6 +51,8 @@ def bench_overrides(args: argparse.Namespace, out_dir: str) -> list[str]:
         # graft-bf16: mixed precision: sampling from a bf16 copy of the merged policy, training under bf16
         # autocast with float32 weights and Adam; compared with TRL's own bf16 mode (trl-bf16)
         *(["generation.dtype=bfloat16", "train.autocast=bfloat16"] if args.worker == "graft-bf16" else []),
+        # float32: the packed-weight sampling copy (an option, off by default because it keeps a model copy)
+        f"generation.pack_weights={args.worker == 'graft'}",
         "logging.progress=lines",
         "logging.print_config=false",
     ]

@@ -87,7 +87,11 @@ def estimate_memory(
 
     parts = {"weights": n_params * dtype_bytes}
     # the rollout's own copy of the policy (graft.models.SamplingCopy) replaces the merged-layer copy
-    sampling_copy = cfg.generation.dtype != "auto" or (cfg.generation.pack_weights and device.type == "cpu")
+    gen = cfg.generation
+    other_dtype = gen.dtype != "auto" and resolve_dtype(gen.dtype, device) != resolve_dtype(
+        cfg.model.dtype, device
+    )
+    sampling_copy = other_dtype or (gen.pack_weights and device.type == "cpu")
     linear_params = sum(i * o for i, o in linears.values())
     if cfg.lora.enabled:
         targets = cfg.lora.target_modules

@@ -50,3 +50,25 @@ def test_sampler_logprobs_equal_training_logprobs(builtin_model, prompts):
     mask = r.completion_mask.bool()
     # fp32 on CPU: incremental decoding vs one full pass differ by summation order only (measured 3e-5 nats)
     assert (train_lp[mask] - r.logprobs[mask]).abs().max().item() < 1e-4
+
+
+def test_packed_sampling_copy_decodes_like_the_model(builtin_model, prompts):
+    """generation.pack_weights (on by default on CPU): the same greedy tokens, and sampled log-probs that
+    match the training pass as closely as the unpacked sampler's do."""
+    from graft.models import SamplingCopy
+
+    model, tokenizer = builtin_model
+    packed = SamplingCopy(model, torch.float32, pack=True).refresh(model)
+    stops = stop_token_ids(model, tokenizer)
+    kw = dict(group_size=1, max_new_tokens=40, pad_id=tokenizer.pad_token_id, stop_ids=stops, greedy=True)
+    plain, fast = sample(model, prompts, **kw), sample(packed, prompts, **kw)
+    assert torch.equal(plain.completion_ids, fast.completion_ids)
+
+    r = sample(packed, prompts, group_size=4, max_new_tokens=24, pad_id=tokenizer.pad_token_id,
+               stop_ids=stops, temperature=0.8, generator=torch.Generator().manual_seed(0))  # fmt: skip
+    with torch.no_grad():
+        train_lp = completion_logprobs(
+            model, r.prompt_ids, r.prompt_mask, r.completion_ids, r.completion_mask, 0.8
+        )
+    mask = r.completion_mask.bool()
+    assert (train_lp[mask] - r.logprobs[mask]).abs().max().item() < 1e-4

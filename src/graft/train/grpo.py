@@ -393,7 +393,8 @@ def train(cfg: Config, console=None, stop_after: int | None = None) -> Path:
     sampling_dtype = (
         policy.dtype if cfg.generation.dtype == "auto" else resolve_dtype(cfg.generation.dtype, device)
     )
-    pack = cfg.generation.pack_weights and device.type == "cpu" and torch.backends.mkldnn.is_available()
+    # packing pays for float32 only: measured, a packed bf16 copy decodes slower than a plain bf16 one
+    pack = cfg.generation.pack_weights and device.type == "cpu" and sampling_dtype == torch.float32
     if pack or sampling_dtype != policy.dtype:
         sampling_copy = SamplingCopy(policy, sampling_dtype, pack=pack)
     params = [p for p in policy.parameters() if p.requires_grad]
