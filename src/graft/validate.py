@@ -198,6 +198,13 @@ def _check(cfg: Config, estimate: bool = True) -> Checked:
                         "run trains its own warm-up (in <run>/sft), so drop one of them")  # fmt: skip
     elif cfg.model.adapter and (adapter_problem := adapter_location_problem(cfg.model.adapter)):
         problems.append(f"'model.adapter': {adapter_problem}")
+    if cfg.sft.enabled and task is not None:  # the warm-up's data, before anything trains
+        from graft.train.sft import sft_examples
+
+        try:
+            sft_examples(cfg, task)
+        except ConfigError as exc:
+            problems.append(str(exc))
     try:
         RunDir.for_config(cfg)
     except RunDirError as exc:

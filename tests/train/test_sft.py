@@ -118,3 +118,16 @@ def test_a_missing_adapter_folder_is_a_config_error(tiny_model_dir, tmp_path):
         validate_or_raise(
             sft_config(tiny_model_dir, tmp_path, f"model.adapter={tmp_path}", "sft.enabled=true")
         )
+
+
+def test_chained_recipe_checks_the_warmup_data_before_loading(tiny_model_dir, tmp_path):
+    from graft.validate import validate_or_raise
+
+    with pytest.raises(ConfigError, match="sft.data: .*does not exist"):
+        validate_or_raise(
+            sft_config(tiny_model_dir, tmp_path, "sft.enabled=true", f"sft.data={tmp_path}/x.jsonl")
+        )
+    cfg = sft_config(tiny_model_dir, tmp_path, "sft.enabled=true", "task.name=jsonl",
+                     "task.path=configs/data/marbles.jsonl", "task.num_eval=2")  # fmt: skip
+    with pytest.raises(ConfigError, match="cannot write worked solutions"):
+        validate_or_raise(cfg)
