@@ -6,11 +6,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
-
-from graft.evaluation import decode_completions, encode_prompts
-from graft.models import merged_adapter
-from graft.rollout.sampler import sample
 from graft.tasks import Task
 
 
@@ -44,32 +39,6 @@ def gated_rewards(task: Task, functions: list[str], configured: list[str] | None
     correctness = task.default_rewards[0]
     gated = [f for f in functions if f == correctness or "format" in f]
     return gated or list(functions)
-
-
-def probe(policy, tokenizer, task: Task, cfg, score, stop_ids: list[int], gated: list[str]) -> GateResult:
-    """score(prompts, completions, columns) -> {reward name: scores}. Uses its own generator, so the run's
-    sampling sequence is the same with the gate on or off."""
-    problems = task.train[: cfg.gate.num_prompts]
-    generator = torch.Generator(device=next(policy.parameters()).device).manual_seed(cfg.train.seed + 7919)
-    policy.eval()
-    with torch.no_grad(), merged_adapter(policy, cfg.generation.merge_adapter):
-        rollout = sample(
-            policy,
-            encode_prompts(tokenizer, task, problems),
-            group_size=cfg.grpo.num_generations,
-            max_new_tokens=cfg.generation.max_new_tokens,
-            min_new_tokens=cfg.generation.min_new_tokens,
-            pad_id=tokenizer.pad_token_id,
-            stop_ids=stop_ids,
-            temperature=cfg.generation.temperature,
-            top_p=cfg.generation.top_p,
-            generator=generator,
-        )
-    texts = decode_completions(tokenizer, rollout.completion_token_lists())
-    prompts, columns = task.reward_inputs([p for p in problems for _ in range(rollout.group_size)])
-    columns["completion_ids"] = rollout.completion_token_lists()
-    columns["max_completion_length"] = [cfg.generation.max_new_tokens] * len(texts)
-    return GateResult(score(prompts, texts, columns), gated, texts[0] if texts else "")
 
 
 def check(result: GateResult, n_prompts: int, group_size: int) -> None:

@@ -44,7 +44,7 @@ from graft.train.checkpoint import (
     save_model,
 )
 from graft.train.run import PromptOrder, RunDir, StopRequest, build_optimizer, set_seed
-from graft.train.sft import run_sft
+from graft.train.sft import warm_start
 from graft.validate import validate_or_raise
 
 
@@ -87,6 +87,18 @@ def rollout(
 
 
 # --------------------------------------------------------------------------------------------- rewards
+
+
+def reward_inputs(tokenizer, task: Task, problems: list[Problem], r: Rollout, cfg: Config):
+    """(completion texts, prompts as chat messages, columns) for the reward functions, one per completion:
+    the dataset columns plus the completion token ids and the length limit (TRL passes both; length
+    rewards use them)."""
+    token_lists = r.completion_token_lists()
+    texts = decode_completions(tokenizer, token_lists)
+    prompts, columns = task.reward_inputs([p for p in problems for _ in range(r.group_size)])
+    columns["completion_ids"] = token_lists
+    columns["max_completion_length"] = [cfg.generation.max_new_tokens] * len(texts)
+    return texts, prompts, columns
 
 
 def score_completions(
@@ -445,7 +457,8 @@ def train(cfg: Config, console=None, stop_after: int | None = None) -> Path:
 
     try:
         if cfg.gate.enabled and state is None:
-            run_gate(policy, tokenizer, task, cfg, runtime, judge, correctness_name, stop_ids, run, display)
+            run_gate(policy, tokenizer, task, cfg, runtime, judge, correctness_name, stop_ids, sampling_copy, run,
+                     display)  # fmt: skip
         if cfg.eval.at_start and state is None:
             display.print("evaluating the starting model on the held-out split ...")
             accuracy = run_eval("before", 0)
@@ -460,11 +473,7 @@ def train(cfg: Config, console=None, stop_after: int | None = None) -> Path:
                 r = rollout(policy, tokenizer, task, problems, cfg, stop_ids, generator, sampling_copy)
                 t1 = time.perf_counter()
 
-                token_lists = r.completion_token_lists()
-                texts = decode_completions(tokenizer, token_lists)
-                prompts, columns = task.reward_inputs([p for p in problems for _ in range(r.group_size)])
-                columns["completion_ids"] = token_lists  # TRL passes them too; length rewards use them
-                columns["max_completion_length"] = [cfg.generation.max_new_tokens] * len(texts)
+                texts, prompts, columns = reward_inputs(tokenizer, task, problems, r, cfg)
                 rewards, per_fn = score_completions(runtime, weights, prompts, texts, columns)
                 if correctness_name not in per_fn:  # accuracy is logged even when training on other rewards
                     per_fn[correctness_name] = torch.tensor(correctness(prompts, texts, **columns))
@@ -549,23 +558,10 @@ def train(cfg: Config, console=None, stop_after: int | None = None) -> Path:
     return run.path
 
 
-def warm_start(cfg: Config, task: Task, sft_dir: Path, console) -> Config:
-    """Run the SFT warm-up unless its result is already there (a resumed run), and return the config GRPO
-    runs with: the same, starting from the warm-up's adapter (or full model)."""
-    final = sft_dir / "final"
-    if not ((final / "adapter_config.json").is_file() or (final / "config.json").is_file()):
-        run_sft(cfg, task, sft_dir, console)
-    cfg = cfg.model_copy(deep=True)
-    cfg.sft.enabled = False  # done: the saved config reads "GRPO from this warm-up"
-    if cfg.lora.enabled:
-        cfg.model.adapter = str(final)
-    else:
-        cfg.model.name = str(final)
-    return cfg
-
-
-def run_gate(policy, tokenizer, task, cfg, runtime, judge, correctness_name, stop_ids, run, display) -> None:
-    """Probe before the first step; writes gate.json and raises GateError when a gated reward is all zero."""
+def run_gate(policy, tokenizer, task, cfg, runtime, judge, correctness_name, stop_ids, sampling_copy, run,
+             display) -> None:  # fmt: skip
+    """Probe before the first step, sampling exactly as the steps will; writes gate.json and raises GateError
+    when a gated reward is zero on every completion."""
 
     def score(prompts, completions, columns) -> dict[str, list]:
         scores = {reward_name(k): v for k, v in runtime.score(prompts, completions, columns).items()}
@@ -580,7 +576,12 @@ def run_gate(policy, tokenizer, task, cfg, runtime, judge, correctness_name, sto
         raise gate.GateError(f"gate.rewards names {unknown}, which this run does not compute; use some of "
                              f"{sorted(set(functions) | {correctness_name})}")  # fmt: skip
     display.print(f"gate: probing {cfg.gate.num_prompts} training prompts x {cfg.grpo.num_generations} ...")
-    result = gate.probe(policy, tokenizer, task, cfg, score, stop_ids, gated)
+    problems = task.train[: cfg.gate.num_prompts]
+    # its own generator: the run's sampling sequence is the same with the gate on or off
+    generator = torch.Generator(device=next(policy.parameters()).device).manual_seed(cfg.train.seed + 7919)
+    r = rollout(policy, tokenizer, task, problems, cfg, stop_ids, generator, sampling_copy)
+    texts, prompts, columns = reward_inputs(tokenizer, task, problems, r, cfg)
+    result = gate.GateResult(score(prompts, texts, columns), gated, texts[0] if texts else "")
     run.write_json("gate.json", {"passed": not result.failing(), "rewards": result.summary()})
     gate.check(result, min(cfg.gate.num_prompts, len(task.train)), cfg.grpo.num_generations)
     parts = [

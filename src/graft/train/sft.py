@@ -137,3 +137,18 @@ def run_sft(cfg: Config, task: Task, out_dir: Path, console=None) -> Path:
         writer.close()
     model.eval()
     return save_model(model, tokenizer, out_dir / "final")
+
+
+def warm_start(cfg: Config, task: Task, sft_dir: Path, console) -> Config:
+    """Run the SFT warm-up unless its result is already there (a resumed run), and return the config GRPO
+    runs with: the same, starting from the warm-up's adapter (or full model)."""
+    final = sft_dir / "final"
+    if not ((final / "adapter_config.json").is_file() or (final / "config.json").is_file()):
+        run_sft(cfg, task, sft_dir, console)
+    cfg = cfg.model_copy(deep=True)
+    cfg.sft.enabled = False  # done: the saved config reads "GRPO from this warm-up"
+    if cfg.lora.enabled:
+        cfg.model.adapter = str(final)
+    else:
+        cfg.model.name = str(final)
+    return cfg
