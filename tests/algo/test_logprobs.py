@@ -54,7 +54,7 @@ def test_fused_head_matches_logits_then_logprobs_in_values_and_gradients():
     weight = torch.randn(40, 16, generator=g, requires_grad=True)
     ids = torch.randint(0, 40, (3, 5), generator=g)
     upstream = torch.randn(3, 5, generator=g)  # advantage-like weights per token
-    fused = linear_token_logprobs(hidden, weight, ids, temperature=0.7, chunk_rows=4)  # 15 rows, 4 chunks
+    fused = linear_token_logprobs(hidden, weight, ids, temperature=0.7, chunk_rows=4, vocab_block=16)  # 4 x 3
     fused_grads = torch.autograd.grad((fused * upstream).sum(), [hidden, weight])
     plain = token_logprobs(hidden @ weight.T, ids, temperature=0.7)
     plain_grads = torch.autograd.grad((plain * upstream).sum(), [hidden, weight])
@@ -88,3 +88,35 @@ def test_fused_head_backward_matches_autograd_under_bf16_autocast():
     (grad_plain,) = torch.autograd.grad(plain.sum(), hidden)
     assert torch.allclose(fused, plain, atol=1e-3)
     assert (grad_fused - grad_plain).abs().max() < 0.05 * grad_plain.abs().max()
+
+
+def test_fused_head_gradient_by_hand():
+    # weight rows [1] and [0]: logits [x, 0], so log p(token 0) = x - log(e^x + 1), d/dx = 1 - sigmoid(x).
+    # With vocab_block=1 the online softmax sweeps the two tokens in separate blocks.
+    x = torch.tensor([[[0.0], [math.log(3.0)]]], requires_grad=True)  # sigmoid = 1/2, 3/4
+    weight = torch.tensor([[1.0], [0.0]])
+    out = linear_token_logprobs(x, weight, torch.tensor([[0, 0]]), vocab_block=1)
+    assert out[0].tolist() == pytest.approx([math.log(0.5), math.log(0.75)], abs=1e-6)
+    (grad,) = torch.autograd.grad(out.sum(), x)
+    assert grad.flatten().tolist() == pytest.approx([0.5, 0.25], abs=1e-6)
+
+
+@pytest.mark.parametrize("vocab_block", [7, 16, 40, 4096])
+def test_fused_head_vocab_blocks_match_plain_with_frozen_head(vocab_block):
+    # the LoRA case: the head is frozen, the hidden-state gradient comes from softmax @ weight kept by the
+    # forward. Blocks that do not divide the vocabulary and tokens in every block must not matter.
+    g = torch.Generator().manual_seed(3)
+    hidden = torch.randn(2, 9, 16, generator=g, requires_grad=True)
+    weight = torch.randn(40, 16, generator=g)
+    ids = torch.randint(0, 40, (2, 9), generator=g)
+    upstream = torch.randn(2, 9, generator=g)
+    fused = linear_token_logprobs(hidden, weight, ids, temperature=0.8, chunk_rows=5, vocab_block=vocab_block)
+    (grad_fused,) = torch.autograd.grad((fused * upstream).sum(), hidden)
+    plain = token_logprobs(hidden @ weight.T, ids, temperature=0.8)
+    (grad_plain,) = torch.autograd.grad((plain * upstream).sum(), hidden)
+    assert torch.allclose(fused, plain, atol=1e-5)
+    assert torch.allclose(grad_fused, grad_plain, atol=1e-5)
+    with torch.no_grad():  # no gradient wanted: the same values without the softmax @ weight matmul
+        assert torch.allclose(
+            linear_token_logprobs(hidden, weight, ids, 0.8, 5, vocab_block), plain, atol=1e-5
+        )
