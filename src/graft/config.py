@@ -217,6 +217,11 @@ class TrainConfig(_Section):
     deterministic: bool = Field(
         False, description="deterministic kernels: a resumed run repeats a straight one bit for bit"
     )
+    keep_freed_memory: bool = Field(
+        True,
+        description="glibc: reuse freed memory instead of returning it to the OS at once (mallopt); "
+        "saves page faults worth ~20% of a CPU step",
+    )
     max_nonfinite_steps: int = Field(
         3, ge=1, description="stop after this many GRPO steps in a row whose updates were all non-finite"
     )

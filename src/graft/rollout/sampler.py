@@ -60,23 +60,24 @@ def completion_mask_from_ids(ids: torch.Tensor, stop_ids: list[int]) -> tuple[to
     return (stops_before == 0).long(), is_stop.any(dim=1)
 
 
-def _filter_top_p(logits: torch.Tensor, top_p: float) -> torch.Tensor:
-    """Keep the smallest set of tokens whose probability reaches top_p (always at least the top one)."""
-    sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
-    probs = sorted_logits.softmax(dim=-1)
-    mass_before = probs.cumsum(dim=-1) - probs
-    sorted_logits = sorted_logits.masked_fill(mass_before >= top_p, float("-inf"))
-    return torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
+def _filter_top_p(probs: torch.Tensor, top_p: float) -> torch.Tensor:
+    """Zero all but the smallest set of tokens whose share of the (possibly unnormalised) mass reaches
+    top_p; the most likely token is always kept."""
+    sorted_probs, order = torch.sort(probs, descending=True, dim=-1)
+    mass_before = sorted_probs.cumsum(dim=-1) - sorted_probs
+    sorted_probs = sorted_probs.masked_fill(mass_before >= top_p * probs.sum(dim=-1, keepdim=True), 0.0)
+    return torch.zeros_like(probs).scatter(-1, order, sorted_probs)
 
 
-def _sample_categorical(logits: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
-    """One draw per row from softmax(logits) by inverting the CDF with a single uniform per row.
+def _sample_categorical(probs: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    """One draw per row from probs / probs.sum() by inverting the CDF with a single uniform per row.
     torch.multinomial draws an exponential for every vocabulary entry, which on a CPU costs more than the
-    LM head itself for a 49k vocabulary. A token with probability 0 (top-p cut) is never drawn: the search
-    finds the first cumulative mass strictly above u * total, and u < 1."""
-    cdf = torch.softmax(logits, dim=-1, dtype=torch.float64).cumsum_(dim=-1)  # float64: no drift over V
-    u = torch.rand(logits.shape[0], 1, generator=generator, device=logits.device, dtype=torch.float64)
-    return torch.searchsorted(cdf, u * cdf[:, -1:], right=True).squeeze(1).clamp_(max=logits.shape[1] - 1)
+    LM head itself for a 49k vocabulary. The running sum is float64 so it does not drift over V, and a
+    token with probability 0 (top-p cut, held-back stop token) is never drawn: the search finds the first
+    cumulative mass strictly above u * total, and u < 1."""
+    cdf = probs.cumsum(dim=-1, dtype=torch.float64)  # (B, V)
+    u = torch.rand(probs.shape[0], 1, generator=generator, device=probs.device, dtype=torch.float64)
+    return torch.searchsorted(cdf, u * cdf[:, -1:], right=True).squeeze(1).clamp_(max=probs.shape[1] - 1)
 
 
 @torch.no_grad()  # not inference_mode: the rollout tensors feed autograd in the training pass
@@ -133,18 +134,20 @@ def sample(
     for step in range(max_new_tokens):
         width = step + 1
         scaled = logits if greedy or temperature == 1.0 else logits / temperature
-        logp = torch.log_softmax(scaled, dim=-1)
-        choice = scaled
+        # one float32 log-softmax feeds the log-probs, the entropy and the draw (no float64 softmax)
+        logp = torch.log_softmax(scaled, dim=-1)  # (B, V)
+        probs = logp.exp()
+        choice = probs
         if step < min_new_tokens:  # hold stop tokens back (forced-length benchmarks)
-            choice = scaled.index_fill(1, stop, float("-inf"))
+            choice = probs.index_fill(1, stop, 0.0)
         if greedy:
             token = choice.argmax(dim=-1)
         else:
-            filtered = _filter_top_p(choice, top_p) if top_p < 1.0 else choice
-            token = _sample_categorical(filtered, generator)
+            token = _sample_categorical(_filter_top_p(choice, top_p) if top_p < 1.0 else choice, generator)
         tokens[active, step] = token
         token_logprobs[active, step] = logp.gather(1, token[:, None]).squeeze(1)
-        token_entropy[active, step] = torch.special.entr(logp.exp()).sum(dim=-1)  # health: entropy collapse
+        # health: entropy collapse. nansum: a token with logit -inf has p log p = 0 * -inf
+        token_entropy[active, step] = -(probs * logp).nansum(dim=-1)
         if step == max_new_tokens - 1:
             break
         running = ~torch.isin(token, stop)

@@ -43,7 +43,7 @@ from graft.train.checkpoint import (
     save_checkpoint,
     save_model,
 )
-from graft.train.run import PromptOrder, RunDir, StopRequest, build_optimizer, set_seed
+from graft.train.run import PromptOrder, RunDir, StopRequest, build_optimizer, setup_process
 from graft.train.sft import warm_start
 from graft.validate import validate_or_raise
 
@@ -377,7 +377,7 @@ def train(cfg: Config, console=None, stop_after: int | None = None) -> Path:
     if cfg.logging.print_config:
         display.print(f"[bold]graft[/bold] run directory: {run.path}\n[dim]{escape(cfg.to_yaml())}[/dim]")
     deterministic_before = torch.are_deterministic_algorithms_enabled()  # process-wide: put back at the end
-    set_seed(cfg.train.seed, cfg.train.threads, cfg.train.deterministic)
+    setup_process(cfg.train)
 
     # The task and the reward functions were built by the checks above; nothing is read or imported twice.
     task = checked.task

@@ -17,7 +17,7 @@ from graft.models import add_lora, load_model, stop_token_ids
 from graft.tasks import Problem, Task
 from graft.tracking import MetricsWriter, ProgressDisplay
 from graft.train.checkpoint import save_model
-from graft.train.run import set_seed
+from graft.train.run import setup_process
 
 Example = tuple[list[dict[str, str]], str]  # (prompt messages, wanted completion)
 
@@ -91,7 +91,7 @@ def run_sft(cfg: Config, task: Task, out_dir: Path, console=None) -> Path:
     the final folder (a LoRA adapter, or a full model with lora.enabled=false)."""
     examples = sft_examples(cfg, task)  # data problems surface before the model loads
     s = cfg.sft
-    set_seed(cfg.train.seed, cfg.train.threads, cfg.train.deterministic)
+    setup_process(cfg.train)
     model, tokenizer = load_model(cfg.model)
     device = next(model.parameters()).device
     stop_id = stop_token_ids(model, tokenizer)[0]
