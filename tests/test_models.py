@@ -66,18 +66,24 @@ def _logits(model, ids):
         return model(input_ids=ids).logits.float()
 
 
-@pytest.mark.parametrize("pack", [False, True])
+# plain copy; packed transformers modules; graft's own decoder (packed, the default for a packed Llama)
+COPY_KINDS = {"plain": {}, "packed": {"pack": True, "own_decoder": False}, "decoder": {"pack": True}}
+
+
+@pytest.mark.parametrize("kind", list(COPY_KINDS))
 @pytest.mark.parametrize("lora", [True, False])
-def test_sampling_copy_follows_the_policy_after_each_update(tiny_model, lora, pack):
+def test_sampling_copy_follows_the_policy_after_each_update(tiny_model, lora, kind):
     from graft.config import LoraConfig
     from graft.models import SamplingCopy, add_lora, merged_adapter
+    from graft.rollout.decoder import Decoder
 
     policy = add_lora(tiny_model, LoraConfig(r=4), seed=0) if lora else tiny_model
     ids = torch.randint(3, 60, (2, 12))
-    copy = SamplingCopy(policy, torch.float32, pack=pack)  # same dtype: exact up to summation order
-    assert bool(copy.packed) == pack and ("lm_head" in copy.packed) == pack  # the tied head too
+    copy = SamplingCopy(policy, torch.float32, **COPY_KINDS[kind])  # same dtype: exact up to summation order
+    assert isinstance(copy.model, Decoder) == (kind == "decoder")
+    assert bool(copy.packed) == (kind == "packed") and ("lm_head" in copy.packed) == (kind == "packed")
 
-    def update():  # what an optimizer step does: trainable weights move
+    def update():  # what an optimizer step does: trainable weights move (all of them without LoRA)
         with torch.no_grad():
             for p in policy.parameters():
                 if p.requires_grad:
@@ -85,13 +91,18 @@ def test_sampling_copy_follows_the_policy_after_each_update(tiny_model, lora, pa
 
     for _ in range(2):
         update()
-        model = copy.refresh(policy)
-        with merged_adapter(policy) as reference:
+        with copy.sampling(policy) as model, merged_adapter(policy) as reference:
             assert torch.allclose(_logits(model, ids), _logits(reference, ids), atol=1e-5)
-    assert not hasattr(model, "peft_config") and not any(p.requires_grad for p in model.parameters())
+        if kind == "decoder":  # between rollouts the decoder holds only what no update can change
+            assert all(layer.qkv is None and layer.down is None for layer in model.layers)
+            assert (model.head is None) == (not lora)  # LoRA leaves the (tied) head alone
+    model = copy.refresh(policy)
+    if kind != "decoder":
+        assert not hasattr(model, "peft_config") and not any(p.requires_grad for p in model.parameters())
 
-    bf16 = SamplingCopy(policy, torch.bfloat16, pack=pack).refresh(policy)
-    assert next(bf16.parameters()).dtype == torch.bfloat16  # the embeddings (never packed)
+    bf16 = SamplingCopy(policy, torch.bfloat16, **COPY_KINDS[kind]).refresh(policy)
+    embeddings = bf16.embed if kind == "decoder" else bf16.get_input_embeddings().weight  # never packed
+    assert embeddings.dtype == torch.bfloat16
     with merged_adapter(policy) as reference:
         diff = (_logits(bf16, ids) - _logits(reference, ids)).abs().max()
     assert 0 < diff < 0.05  # rounded, not a different model

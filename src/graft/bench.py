@@ -37,8 +37,9 @@ def bench_overrides(args: argparse.Namespace, out_dir: str) -> list[str]:
         f"generation.min_new_tokens={args.max_new_tokens}",
         "generation.temperature=1.0",
         f"train.prompts_per_step={args.prompts_per_step}",
-        # micro_batch_size stays graft's default (8): the math is the same as one pass over the batch
-        # (tests/train/test_grpo.py checks that), it is only faster and smaller than 16 at once.
+        # the whole batch in one pass, as TRL's per_device_train_batch_size below (graft's default of 8
+        # gives the same gradients, tests/train/test_grpo.py; 16 at once is faster on this CPU)
+        f"train.micro_batch_size={args.num_generations * args.prompts_per_step}",
         f"train.max_steps={args.warmup + args.steps}",
         "train.warmup_steps=0",
         "eval.at_start=false",
@@ -51,8 +52,6 @@ def bench_overrides(args: argparse.Namespace, out_dir: str) -> list[str]:
         # graft-bf16: mixed precision: sampling from a bf16 copy of the merged policy, training under bf16
         # autocast with float32 weights and Adam; compared with TRL's own bf16 mode (trl-bf16)
         *(["generation.dtype=bfloat16", "train.autocast=bfloat16"] if args.worker == "graft-bf16" else []),
-        # float32: the packed-weight sampling copy (an option, off by default because it keeps a model copy)
-        f"generation.pack_weights={args.worker == 'graft'}",
         "logging.progress=lines",
         "logging.print_config=false",
     ]

@@ -174,9 +174,10 @@ class GenerationConfig(_Section):
         True, description="sample from LoRA-merged weights (faster; a temporary copy of the adapted layers)"
     )
     pack_weights: bool = Field(
-        False,
-        description="CPU, float32: sample from a kept copy of the merged policy with oneDNN-packed linear "
-        "weights (~1.3x faster decoding measured here, same math up to summation order; costs a model copy)",
+        True,
+        description="CPU: sample from a copy of the merged policy with oneDNN-packed weights; Llama-family "
+        "models (Llama, SmolLM, Qwen2, Mistral) through graft's own fused forward (same math up to "
+        "summation order). Between rollouts it keeps only the LM head (other models: a model copy)",
     )
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto",

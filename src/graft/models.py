@@ -262,6 +262,26 @@ def merged_weight(layer) -> torch.Tensor:
     return merged
 
 
+def merged_state(model) -> tuple[dict[str, torch.Tensor], set[str] | None]:
+    """(weights, adapted): the model's weights named as in the plain transformers model
+    (model.layers.0.mlp.up_proj.weight), LoRA deltas folded in (new tensors for the adapted layers, the
+    parameters themselves everywhere else), and the names of the adapted weights (None without LoRA:
+    everything may change)."""
+    from peft import PeftModel
+    from peft.tuners.lora import LoraLayer
+
+    if not isinstance(model, PeftModel):
+        return dict(model.named_parameters()), None
+    base = model.get_base_model()
+    state = {n.replace(".base_layer.", "."): p for n, p in base.named_parameters() if ".lora_" not in n}
+    adapted = set()
+    for name, layer in base.named_modules():
+        if isinstance(layer, LoraLayer):
+            state[f"{name}.weight"] = merged_weight(layer)
+            adapted.add(f"{name}.weight")
+    return state, adapted
+
+
 @contextlib.contextmanager
 def merged_adapter(model, enabled: bool = True):
     """Run inference on base weights with the LoRA deltas folded in, so decoding pays no adapter cost.
@@ -303,11 +323,11 @@ class PackedLinear(torch.nn.Module):
     batch 16: a (1536, 576) layer 80 us vs 258 us through F.linear; the 49k LM head 3.3 ms vs 16.7 ms.
     """
 
-    def __init__(self, linear: torch.nn.Linear, dtype: torch.dtype):
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype):
         super().__init__()
-        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.out_features, self.in_features = weight.shape
         self.dtype, self.bias = dtype, None
-        self.pack(linear.weight, linear.bias)
+        self.pack(weight, bias)
 
     def pack(self, weight: torch.Tensor, bias: torch.Tensor | None = None) -> None:
         """Take new weights (and a new bias, when given; LoRA never changes one)."""
@@ -323,34 +343,60 @@ class PackedLinear(torch.nn.Module):
 class SamplingCopy:
     """A plain copy of the policy that the rollout samples from, refreshed before each rollout with the
     current (LoRA-merged) weights. Two reasons to keep one:
-    - pack=True (CPU): every nn.Linear becomes a PackedLinear (oneDNN-packed weight, dense in and out),
-      which decodes a batch of 16 ~2-3x faster per layer than F.linear (greedy tokens equal, log-probs
-      within ~1e-5 on the built-in model), at the cost of keeping the copy between rollouts;
+    - pack=True (CPU): linear weights are packed for oneDNN (PackedLinear: dense in and out), which
+      decodes a batch of 16 ~2-3x faster per layer than F.linear (greedy tokens equal, log-probs within
+      ~1e-5 on the built-in model), at the cost of keeping the copy between rollouts. Llama-shaped models
+      (graft.rollout.decoder) then sample through graft's own forward with fused projections; other
+      models keep the transformers modules with each nn.Linear swapped for a PackedLinear
+      (own_decoder=False forces that for any model);
     - dtype=bfloat16: half the bytes per decode step while training keeps its precision; the samples then
       come from the policy rounded to bfloat16, the trade of sampling with a bf16 inference engine.
     """
 
-    def __init__(self, policy, dtype: torch.dtype, pack: bool = False):
+    def __init__(self, policy, dtype: torch.dtype, pack: bool = False, own_decoder: bool = True):
         from peft import PeftModel
+
+        from graft.rollout.decoder import Decoder, decoder_problem
 
         self.dtype = dtype
         self.is_peft = isinstance(policy, PeftModel)
         self.packed: set[str] = set()  # module paths whose weights live in oneDNN's layout
+        self.adapted: set[str] | None = None  # weights each refresh changes (None: all)
+        plain = policy.get_base_model() if self.is_peft else policy
         with torch.no_grad():
-            model = copy.deepcopy(policy)
-            model = model.merge_and_unload() if self.is_peft else model
-            self.model = model.to(dtype).eval().requires_grad_(False)
-            if pack:
-                try:
+            try:
+                if (
+                    pack and own_decoder and decoder_problem(plain) is None
+                ):  # Llama-shaped: graft's own forward
+                    self.model = Decoder(plain, merged_state(policy)[0], dtype, pack=True)
+                    return
+                model = copy.deepcopy(policy)
+                model = model.merge_and_unload() if self.is_peft else model
+                self.model = model.to(dtype).eval().requires_grad_(False)
+                if pack:
                     self._pack(self.model, "")
-                except (AttributeError, RuntimeError, NotImplementedError) as exc:  # a torch without oneDNN
-                    raise ModelError(f"generation.pack_weights: this torch cannot pack weights ({exc}); "
-                                     "set generation.pack_weights=false") from exc  # fmt: skip
+            except (AttributeError, RuntimeError, NotImplementedError) as exc:  # a torch without oneDNN
+                if not pack:
+                    raise
+                raise ModelError(f"generation.pack_weights: this torch cannot pack weights ({exc}); "
+                                 "set generation.pack_weights=false") from exc  # fmt: skip
+
+    @contextlib.contextmanager
+    def sampling(self, policy):
+        """The copy with the policy's current weights, for one rollout. Afterwards graft's decoder drops
+        the packed weights that the next refresh rebuilds anyway (the adapted layers), so the training
+        pass reuses that memory instead of adding to it."""
+        model = self.refresh(policy)
+        try:
+            yield model
+        finally:
+            if not isinstance(model, torch.nn.Module):
+                model.release(self.adapted)
 
     def _pack(self, module: torch.nn.Module, prefix: str) -> None:
         for name, child in module.named_children():
             if type(child) is torch.nn.Linear:
-                setattr(module, name, PackedLinear(child, self.dtype))
+                setattr(module, name, PackedLinear(child.weight, child.bias, self.dtype))
                 self.packed.add(prefix + name)
             else:
                 self._pack(child, f"{prefix}{name}.")
@@ -366,6 +412,11 @@ class SamplingCopy:
         """Copy the policy's current weights in (only the LoRA-adapted layers change under LoRA)."""
         from peft.tuners.lora import LoraLayer
 
+        if not isinstance(self.model, torch.nn.Module):  # graft's Decoder: re-fuse and re-pack what changed
+            with torch.no_grad():
+                state, self.adapted = merged_state(policy)
+                self.model.load(state, self.adapted)
+            return self.model
         with torch.no_grad():
             if not self.is_peft:  # full fine-tuning: everything may have moved (a tied head included)
                 for path, module in policy.named_modules():

@@ -1,5 +1,6 @@
 import math
 
+import pytest
 import torch
 
 from graft.rollout.sampler import (
@@ -115,13 +116,30 @@ def test_truncation_flag_and_length_limit(tiny_model):
     assert all(math.isfinite(x) for x in always_stop.logprobs.flatten().tolist())
 
 
-def test_categorical_sampling_matches_the_distribution_and_never_picks_zero_probability():
+@pytest.mark.parametrize(
+    "block", [1, 2, 4, 1024]
+)  # one token per slice, even slices, a ragged tail, one slice
+def test_categorical_sampling_matches_the_distribution_and_never_picks_zero_probability(block):
     from graft.rollout.sampler import _sample_categorical
 
     probs = torch.tensor([0.0, 0.5, 0.0, 0.3, 0.2, 0.0])
-    draws = _sample_categorical(probs.expand(20000, -1), torch.Generator().manual_seed(0))
+    draws = _sample_categorical(probs.expand(20000, -1), torch.Generator().manual_seed(0), block=block)
     counts = torch.bincount(draws, minlength=6).float() / 20000
     assert counts[[0, 2, 5]].sum() == 0
     assert torch.allclose(counts, probs, atol=0.015)  # 20k draws: 3 standard errors is about 0.011
-    # one certain token
-    assert (_sample_categorical(torch.tensor([[0.0, 1.0, 0.0]]), None) == 1).all()
+    # one certain token, also when it is the last one and alone in the ragged tail
+    assert (_sample_categorical(torch.tensor([[0.0, 1.0, 0.0]]), None, block=block) == 1).all()
+    assert (_sample_categorical(torch.tensor([[0.0] * 6 + [2.0]]), None, block=block) == 6).all()
+
+
+def test_categorical_sampling_is_the_inverse_cdf_of_one_uniform():
+    """The two-level search picks the same token as a plain search of the full CDF for the same uniform."""
+    from graft.rollout.sampler import _sample_categorical
+
+    probs = torch.rand(64, 1000) ** 4  # unnormalised, uneven
+    probs[:, ::7] = 0.0
+    for block in (3, 64, 1000):
+        drawn = _sample_categorical(probs, torch.Generator().manual_seed(5), block=block)
+        cdf = probs.cumsum(dim=1, dtype=torch.float64)
+        u = torch.rand(64, 1, generator=torch.Generator().manual_seed(5), dtype=torch.float64) * cdf[:, -1:]
+        assert torch.equal(drawn, torch.searchsorted(cdf, u, right=True).squeeze(1))

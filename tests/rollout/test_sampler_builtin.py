@@ -53,12 +53,15 @@ def test_sampler_logprobs_equal_training_logprobs(builtin_model, prompts):
 
 
 def test_packed_sampling_copy_decodes_like_the_model(builtin_model, prompts):
-    """generation.pack_weights (on by default on CPU): the same greedy tokens, and sampled log-probs that
-    match the training pass as closely as the unpacked sampler's do."""
+    """generation.pack_weights (on by default on CPU; graft's own decoder for this Llama-shaped model):
+    the same greedy tokens, and sampled log-probs that match the training pass as closely as the
+    transformers sampler's do."""
     from graft.models import SamplingCopy
+    from graft.rollout.decoder import Decoder
 
     model, tokenizer = builtin_model
     packed = SamplingCopy(model, torch.float32, pack=True).refresh(model)
+    assert isinstance(packed, Decoder)
     stops = stop_token_ids(model, tokenizer)
     kw = dict(group_size=1, max_new_tokens=40, pad_id=tokenizer.pad_token_id, stop_ids=stops, greedy=True)
     plain, fast = sample(model, prompts, **kw), sample(packed, prompts, **kw)

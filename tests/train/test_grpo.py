@@ -98,8 +98,9 @@ def test_train_fills_the_run_directory(tiny_model_dir, tmp_path):
         ["grpo.loss_type=bnpo", "grpo.scale_rewards=none", "grpo.delta=2.0"],
         ["generation.dtype=bfloat16"],  # sampling from a bf16 copy of the merged policy
         ["generation.dtype=bfloat16", "lora.enabled=false"],
-        ["generation.pack_weights=true"],  # sampling from oneDNN-packed weights
-        ["generation.pack_weights=true", "lora.enabled=false", "train.deterministic=true"],
+        ["generation.pack_weights=false"],  # sampling from the transformers model, LoRA merged
+        ["generation.pack_weights=false", "lora.enabled=false", "train.deterministic=true"],
+        ["generation.dtype=bfloat16", "generation.pack_weights=false"],  # a plain bf16 copy
         ["train.autocast=bfloat16", "grpo.beta=0.1", "grpo.num_iterations=2"],  # mixed-precision training
         ["train.autocast=bfloat16", "lora.enabled=false"],
     ],

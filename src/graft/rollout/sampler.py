@@ -9,6 +9,11 @@ from dataclasses import dataclass
 
 import torch
 
+try:
+    from transformers.cache_utils import DynamicLayer
+except ImportError:  # a transformers without per-layer caches: reserve_cache leaves its caches alone
+    DynamicLayer = object
+
 
 @dataclass
 class Rollout:
@@ -69,15 +74,89 @@ def _filter_top_p(probs: torch.Tensor, top_p: float) -> torch.Tensor:
     return torch.zeros_like(probs).scatter(-1, order, sorted_probs)
 
 
-def _sample_categorical(probs: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
-    """One draw per row from probs / probs.sum() by inverting the CDF with a single uniform per row.
-    torch.multinomial draws an exponential for every vocabulary entry, which on a CPU costs more than the
-    LM head itself for a 49k vocabulary. The running sum is float64 so it does not drift over V, and a
-    token with probability 0 (top-p cut, held-back stop token) is never drawn: the search finds the first
-    cumulative mass strictly above u * total, and u < 1."""
-    cdf = probs.cumsum(dim=-1, dtype=torch.float64)  # (B, V)
-    u = torch.rand(probs.shape[0], 1, generator=generator, device=probs.device, dtype=torch.float64)
-    return torch.searchsorted(cdf, u * cdf[:, -1:], right=True).squeeze(1).clamp_(max=probs.shape[1] - 1)
+def _sample_categorical(
+    probs: torch.Tensor, generator: torch.Generator | None, block: int = 1024
+) -> torch.Tensor:  # (B,)
+    """One draw per row from probs / probs.sum() (B, V) by inverting the CDF with a single uniform per row.
+
+    torch.multinomial draws an exponential for every vocabulary entry, and even one float64 cumsum over
+    the vocabulary costs more than the LM head on a CPU (a sequential scan, ~10 ms for 16 x 49k). So the
+    search runs in two levels: float64 sums of `block`-wide slices locate the slice holding the uniform,
+    and only that slice is scanned. Sums are float64 so the CDF does not drift over V. A token with
+    probability 0 (top-p cut, held-back stop token) is never drawn: each level takes the first cumulative
+    mass strictly above the target, and the target stays strictly below the level's total.
+    """
+    B, V = probs.shape
+    n_full = V // block
+    sums = [probs[:, : n_full * block].reshape(B, n_full, block).sum(-1, dtype=torch.float64)]
+    if V % block:
+        sums.append(probs[:, n_full * block :].sum(-1, keepdim=True, dtype=torch.float64))
+    block_cdf = torch.cat(sums, dim=1).cumsum(dim=1)  # (B, nb)
+    total = block_cdf[:, -1:]
+    u = torch.rand(B, 1, generator=generator, device=probs.device, dtype=torch.float64) * total
+    u = torch.minimum(u, torch.nextafter(total, torch.zeros_like(total)))  # rand * total may round up
+    k = torch.searchsorted(block_cdf, u, right=True).clamp_(max=block_cdf.shape[1] - 1)  # (B, 1) u's slice
+    below = torch.where(k > 0, block_cdf.gather(1, (k - 1).clamp(min=0)), 0.0)  # mass before slice k
+    columns = k * block + torch.arange(block, device=probs.device)  # (B, block)
+    inside = columns < V
+    slice_probs = probs.gather(1, columns.clamp(max=V - 1)).masked_fill(~inside, 0.0)
+    slice_cdf = slice_probs.cumsum(dim=1, dtype=torch.float64)  # (B, block)
+    # the slice's own scan can total a hair less than its sum above (rounding order): keep u inside it
+    rest = torch.minimum(u - below, torch.nextafter(slice_cdf[:, -1:], torch.zeros_like(total)))
+    j = torch.searchsorted(slice_cdf, rest, right=True)
+    return (k * block + j).squeeze(1).clamp_(max=V - 1)  # the clamps only matter for all-zero rows
+
+
+class ReservedLayer(DynamicLayer):
+    """One attention layer's KV cache in a buffer reserved for the whole rollout: a decode step writes its
+    new column in place, where transformers' DynamicLayer copies the whole cache (torch.cat) every step,
+    O(T^2) bytes over a completion. The keys and values attention reads are views of the buffer."""
+
+    def __init__(self, layer, capacity: int):
+        super().__init__()
+        B, H, n, D = layer.keys.shape
+        self.device, self.is_initialized, self.length = layer.keys.device, True, n
+        self.key_buffer = layer.keys.new_empty(B, H, max(capacity, n), D)
+        self.value_buffer = layer.values.new_empty(B, H, max(capacity, n), layer.values.shape[-1])
+        self.key_buffer[:, :, :n] = layer.keys
+        self.value_buffer[:, :, :n] = layer.values
+        self._expose()
+
+    def _expose(self) -> None:
+        self.keys = self.key_buffer[:, :, : self.length]
+        self.values = self.value_buffer[:, :, : self.length]
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        end = self.length + key_states.shape[-2]
+        if end > self.key_buffer.shape[2]:  # past the reservation (sample() never goes there): grow
+            self.key_buffer = torch.cat([self.keys, key_states], dim=2)
+            self.value_buffer = torch.cat([self.values, value_states], dim=2)
+        else:
+            self.key_buffer[:, :, self.length : end] = key_states
+            self.value_buffer[:, :, self.length : end] = value_states
+        self.length = end
+        self._expose()
+        return self.keys, self.values
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        self.key_buffer, self.value_buffer = self.key_buffer[indices], self.value_buffer[indices]
+        self._expose()
+
+
+def reserve_cache(cache, capacity: int):
+    """Swap each plain (full-attention, dynamic) layer of a transformers cache for a ReservedLayer of
+    `capacity` positions. Other layer kinds (sliding windows, quantized, linear attention) stay as they
+    are: correct, only slower."""
+    if hasattr(cache, "reserve"):  # graft's own decoder cache
+        cache.reserve(capacity)
+        return cache
+    layers = getattr(cache, "layers", None)
+    if DynamicLayer is object or not isinstance(layers, list):
+        return cache
+    for i, layer in enumerate(layers):
+        if type(layer) is DynamicLayer and layer.is_initialized and layer.keys.dim() == 4:
+            layers[i] = ReservedLayer(layer, capacity)
+    return cache
 
 
 @torch.no_grad()  # not inference_mode: the rollout tensors feed autograd in the training pass
@@ -103,7 +182,7 @@ def sample(
     held back for `min_new_tokens`: the same quantity the training pass computes. With greedy=True tokens
     are argmax and log-probs use temperature 1.
     """
-    device = next(model.parameters()).device
+    device = model.device
     prompt_ids, prompt_mask = left_pad(prompts, pad_id)
     prompt_ids, prompt_mask = prompt_ids.to(device), prompt_mask.to(device)
 
@@ -121,6 +200,7 @@ def sample(
         logits = logits.repeat_interleave(group_size, dim=0)
         prompt_ids = prompt_ids.repeat_interleave(group_size, dim=0)
         prompt_mask = prompt_mask.repeat_interleave(group_size, dim=0)
+    cache = reserve_cache(cache, prompt_ids.shape[1] + max_new_tokens)
 
     B = prompt_ids.shape[0]
     tokens = torch.full((B, max_new_tokens), pad_id, dtype=torch.long, device=device)
