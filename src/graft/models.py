@@ -254,12 +254,23 @@ def stop_token_ids(model, tokenizer) -> list[int]:
 
 
 def merged_weight(layer) -> torch.Tensor:
-    """A LoRA layer's base weight with its active adapters' deltas added, as a new tensor."""
-    merged = layer.get_base_layer().weight.detach().clone()
+    """A LoRA layer's base weight with its active adapters' deltas added, as a new tensor. A plain LoRA
+    delta is one addmm (base + scaling * B @ A, a single pass over the weight); DoRA and the other
+    variants go through peft's own get_delta_weight."""
+    merged = layer.get_base_layer().weight.detach()
+    fresh = False  # whether `merged` is already a new tensor
     for name in layer.active_adapters:
-        if name in layer.lora_A:
-            merged += layer.get_delta_weight(name).to(merged.dtype)
-    return merged
+        if name not in layer.lora_A:
+            continue
+        plain = (not getattr(layer, "use_dora", {}).get(name, False) and not getattr(layer, "fan_in_fan_out", False)
+                 and isinstance(layer.lora_A[name], torch.nn.Linear))  # fmt: skip
+        if plain and merged.dtype == layer.lora_A[name].weight.dtype:
+            B, A = layer.lora_B[name].weight.detach(), layer.lora_A[name].weight.detach()
+            merged = torch.addmm(merged, B, A, alpha=layer.scaling[name])
+        else:
+            merged = merged + layer.get_delta_weight(name).to(merged.dtype)
+        fresh = True
+    return merged if fresh else merged.clone()
 
 
 def merged_state(model) -> tuple[dict[str, torch.Tensor], set[str] | None]:
@@ -336,8 +347,13 @@ class PackedLinear(torch.nn.Module):
         # 16 = the decode batch the layout is tuned for; any batch size gives the same result
         self.packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach().to(self.dtype), 16)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
+    def forward(self, x: torch.Tensor, activation: str = "none") -> torch.Tensor:
+        """linear(x), with oneDNN's fused activation ("swish" = SiLU) when asked."""
+        return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, activation, [], "")
+
+    def binary(self, x: torch.Tensor, other: torch.Tensor, op: str) -> torch.Tensor:
+        """linear(x) * other (op "mul") or linear(x) + other ("add"), fused into the product."""
+        return torch.ops.mkldnn._linear_pointwise.binary(x, other, self.packed, self.bias, op)
 
 
 class SamplingCopy:

@@ -179,7 +179,7 @@ def completion_logprobs(
         first = prefill.last_hidden_state[:, -1:].repeat_interleave(counts, dim=0)  # predicts token 0
         hidden = torch.cat([first, rest[:, :-1]], dim=1)  # (B, T, d)
     if fuse_head and plain_linear_head(head, model.config):
-        return algo.linear_token_logprobs(hidden, head.weight, completion_ids, temperature, chunk_rows=512)
+        return algo.linear_token_logprobs(hidden, head.weight, completion_ids, temperature, chunk_rows=1024)
     return algo.token_logprobs(head(hidden), completion_ids, temperature)
 
 
