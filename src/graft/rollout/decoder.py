@@ -1,13 +1,15 @@
 """graft's own sampling forward for Llama-shaped causal LMs (Llama, SmolLM, Qwen2, Mistral without a
 sliding window), used by the rollout in place of the transformers modeling code.
 
-Why: on a CPU a decode step of the generic modeling code spends nearly as long in Python glue (keyword
-plumbing, a mask built per step, cache bookkeeping, one module call per projection) as in the matrix
-products. Here a layer is four products on packed weights (q/k/v fused, o, gate/up fused, down) and a
-handful of tensor ops; the rotary tables come from the model's own rotary module (so every RoPE scaling
-variant it knows is honoured); keys and values go into buffers reserved once for the whole rollout.
-Same math as the transformers forward up to summation order: tests compare its logits with the model's
-and its greedy tokens with `generate`. Inference only, no autograd.
+Why: a CPU decode step of the generic modeling code spends a good part of its time outside the matrix
+products (keyword plumbing, a mask built per step, a cache that is copied to grow, seven module calls
+and a dozen small ops per layer). Here a layer is five products on oneDNN-packed weights (q/k/v stacked
+into one; o, gate, up, down) with the RMSNorm scales folded into the weights and the SiLU, the gating
+product and both residual adds fused into the products as oneDNN post-ops; the rotary tables come from
+the model's own rotary module (so every RoPE scaling variant it knows is honoured); keys and values go
+into buffers reserved once per rollout. Same math as the transformers forward up to summation order:
+tests compare its logits with the model's and its samples with the transformers-driven sampler.
+Inference only, no autograd.
 """
 
 from __future__ import annotations
