@@ -98,3 +98,15 @@ def test_graft_validate_command(tmp_path, capsys):
     assert "config OK; memory estimate" in capsys.readouterr().out
     assert main(["validate", "configs/arithmetic.yaml", "model.name=/nope"]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_decoder_copy_counts_only_what_outlives_the_rollout(tmp_path):
+    """On a CPU the packed sampling copy of a Llama-family model drops its LoRA-adapted layers after each
+    rollout, so the estimate counts the head and what no adapter touches, not a second model."""
+    packed = check_run(load_config(RECIPE, [f"logging.output_dir={tmp_path}"]))[1].parts
+    full_ft = check_run(load_config(RECIPE, [f"logging.output_dir={tmp_path}", "lora.enabled=false"]))[
+        1
+    ].parts
+    # SmolLM2-135M: 135M parameters, 28M of them the tied embedding/head; float32
+    assert 28e6 * 4 <= packed["sampling copy"] < 0.5 * packed["weights"]
+    assert full_ft["sampling copy"] <= packed["sampling copy"]  # full FT rebuilds every layer

@@ -71,6 +71,7 @@ def estimate_memory(
     cfg: Config, config, n_params: int, linears: dict, device: torch.device
 ) -> MemoryEstimate:
     from graft.models import resolve_dtype
+    from graft.rollout.decoder import config_problem
 
     dtype_bytes = torch.finfo(resolve_dtype(cfg.model.dtype, device)).bits // 8
     hidden = config.hidden_size
@@ -103,12 +104,21 @@ def estimate_memory(
         parts["grads + Adam"] = n_params * (4 + 8)
         if cfg.grpo.beta > 0:
             parts["reference copy"] = n_params * dtype_bytes
-    if sampling_copy:
-        sampling_dtype = cfg.model.dtype if cfg.generation.dtype == "auto" else cfg.generation.dtype
-        parts["sampling copy"] = n_params * torch.finfo(resolve_dtype(sampling_dtype, device)).bits // 8
     parts["rollout KV + logits"] = batch * (tokens * layers * 2 * kv_dim * dtype_bytes + vocab * 16)
     # activations kept for backward per token and layer: attention and MLP inputs (~6 hidden + 3 ffn)
     parts["activations"] = micro * tokens * layers * (6 * hidden + 3 * ffn) * max(dtype_bytes, 2)
+    if sampling_copy:
+        sampling_dtype = cfg.model.dtype if cfg.generation.dtype == "auto" else cfg.generation.dtype
+        copy_bytes = torch.finfo(resolve_dtype(sampling_dtype, device)).bits // 8
+        parts["sampling copy"] = n_params * copy_bytes
+        if gen.pack_weights and device.type == "cpu" and config_problem(config) is None:
+            # graft's decoder drops the layers each refresh rebuilds (the adapted ones) after the rollout,
+            # so they share memory with the training pass's activations: count them only past those
+            rebuilt = sum(i * o for i, o in chosen) if cfg.lora.enabled else linear_params
+            kept = n_params - rebuilt  # the LM head, embeddings, norms and layers no adapter touches
+            parts["sampling copy"] = (
+                kept * copy_bytes + max(0, rebuilt * copy_bytes - parts["activations"])
+            )  # fmt: skip
     parts["log-prob chunks"] = 512 * vocab * 4 * 3
     if device.type == "cpu":
         parts["runtime"] = 600 * 1024**2  # Python, torch, tokenizer

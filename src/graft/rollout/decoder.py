@@ -31,9 +31,8 @@ def _plain_linear(module) -> bool:
     return type(base) is torch.nn.Linear
 
 
-def decoder_problem(model) -> str | None:
-    """Why `model` (a transformers causal LM, LoRA layers allowed) cannot use the Decoder; None if it can."""
-    cfg = model.config
+def config_problem(cfg) -> str | None:
+    """Why a model with this transformers config cannot use the Decoder; None if its config allows it."""
     if cfg.model_type not in SUPPORTED_TYPES:
         return f"model type '{cfg.model_type}' (graft's decoder knows {', '.join(SUPPORTED_TYPES)})"
     if getattr(cfg, "hidden_act", "silu") != "silu":
@@ -43,6 +42,14 @@ def decoder_problem(model) -> str | None:
         getattr(cfg, "sliding_window", None) is not None and getattr(cfg, "use_sliding_window", True)
     ):
         return "sliding-window attention"
+    return None
+
+
+def decoder_problem(model) -> str | None:
+    """Why `model` (a transformers causal LM, LoRA layers allowed) cannot use the Decoder; None if it can."""
+    problem = config_problem(model.config)
+    if problem:
+        return problem
     body = getattr(model, "model", None)
     needed = ("embed_tokens", "layers", "norm", "rotary_emb")
     if body is None or any(not hasattr(body, name) for name in needed):
