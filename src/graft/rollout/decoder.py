@@ -66,8 +66,10 @@ def decoder_problem(model) -> str | None:
 
 
 class KVBuffers:
-    """Every layer's keys and values, (B, H_kv, capacity, D) each, filled up to `length` positions; the
-    cache object the decoder returns. Rows leave (batch_select_indices) as their completions finish."""
+    """Every layer's keys and values, time-major (capacity, B, H_kv, D) each, filled up to `length`
+    positions; the cache object the decoder returns. Time-major because the filled part is then one
+    contiguous block that a decode step's batched products read in place (a (B, H_kv, capacity, D) buffer
+    makes attention copy its filled part first). Rows leave (batch_select_indices) as they finish."""
 
     def __init__(self, num_layers: int):
         self.keys: list[torch.Tensor] = [None] * num_layers  # type: ignore[list-item]
@@ -75,40 +77,37 @@ class KVBuffers:
         self.length = 0
 
     def write(self, layer: int, key: torch.Tensor, value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Append (B, H_kv, T, D) keys and values at `length`; the filled part of the layer's buffers."""
+        """Append (B, H_kv, T, D) keys and values at `length`; the filled (L, B, H_kv, D) part."""
         end = self.length + key.shape[2]
-        if self.keys[layer] is None or end > self.keys[layer].shape[2]:
+        if self.keys[layer] is None:
+            shape = (end, *key.shape[:2], key.shape[3])
+            self.keys[layer], self.values[layer] = key.new_empty(shape), value.new_empty(shape)
+        elif end > self.keys[layer].shape[0]:
             self._grow(layer, end)
-        self.keys[layer][:, :, self.length : end] = key
-        self.values[layer][:, :, self.length : end] = value
-        return self.keys[layer][:, :, :end], self.values[layer][:, :, :end]
+        self.keys[layer][self.length : end] = key.permute(2, 0, 1, 3)
+        self.values[layer][self.length : end] = value.permute(2, 0, 1, 3)
+        return self.keys[layer][:end], self.values[layer][:end]
 
     def _grow(self, layer: int, capacity: int) -> None:
         for buffers in (self.keys, self.values):
             old = buffers[layer]
-            if old is None:
-                continue
-            new = old.new_empty(*old.shape[:2], capacity, old.shape[3])
-            new[:, :, : self.length] = old[:, :, : self.length]
+            new = old.new_empty(capacity, *old.shape[1:])
+            new[: self.length] = old[: self.length]
             buffers[layer] = new
-
-    def allocate(self, layer: int, like: torch.Tensor, capacity: int) -> None:
-        shape = (like.shape[0], like.shape[1], capacity, like.shape[3])
-        self.keys[layer], self.values[layer] = like.new_empty(shape), like.new_empty(shape)
 
     def reserve(self, capacity: int) -> None:
         """Room for `capacity` positions in every layer, so no decode step reallocates."""
         for layer in range(len(self.keys)):
-            if self.keys[layer] is not None and self.keys[layer].shape[2] < capacity:
+            if self.keys[layer] is not None and self.keys[layer].shape[0] < capacity:
                 self._grow(layer, capacity)
 
     def batch_repeat_interleave(self, repeats: int) -> None:
-        self.keys = [k.repeat_interleave(repeats, dim=0) for k in self.keys]
-        self.values = [v.repeat_interleave(repeats, dim=0) for v in self.values]
+        self.keys = [k.repeat_interleave(repeats, dim=1) for k in self.keys]
+        self.values = [v.repeat_interleave(repeats, dim=1) for v in self.values]
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
-        self.keys = [k[indices] for k in self.keys]
-        self.values = [v[indices] for v in self.values]
+        self.keys = [k[:, indices] for k in self.keys]
+        self.values = [v[:, indices] for v in self.values]
 
 
 @dataclass
@@ -251,11 +250,13 @@ class Decoder:
         x = F.embedding(input_ids, self.embed)  # (B, T, d)
         cos, sin = self.rotary(x, position_ids)  # (B, T, D) each
         cos, sin = cos[:, None], sin[:, None]  # (B, 1, T, D): shared by all heads
-        keep = attention_mask.bool()
+        keep = attention_mask.bool()  # (B, L)
+        L, group = keep.shape[1], H // Hkv
         if T == 1:  # a decode step: the G query heads sharing a key head act as G queries (no repeat_kv)
-            mask = keep[:, None, None, :]  # (B, 1, 1, L)
+            # masked positions get -inf before the softmax; every row sees at least its own new token
+            bias = torch.zeros(B, Hkv * group, L, dtype=x.dtype, device=x.device)
+            bias = bias.masked_fill_(~keep[:, None, :], float("-inf")).view(B * Hkv, group, L)
         else:  # prefill: causal over the new tokens; a padded query attends to itself, so no row is empty
-            L = keep.shape[1]
             causal = torch.ones(T, L, dtype=torch.bool, device=x.device).tril(L - T)
             diagonal = torch.arange(L, device=x.device) == torch.arange(T, device=x.device)[:, None] + (L - T)
             mask = ((causal & keep[:, None, :]) | diagonal)[:, None]  # (B, 1, T, L)
@@ -263,16 +264,18 @@ class Decoder:
             qkv = layer.qkv(self._norm(x)).view(B, T, H + 2 * Hkv, D).transpose(1, 2)  # (B, H + 2Hkv, T, D)
             qk = self._rotate(qkv[:, : H + Hkv], cos, sin)
             q, k, v = qk[:, :H], qk[:, H:], qkv[:, H + Hkv :]
-            if cache.keys[i] is None:
-                cache.allocate(i, k, cache.length + T)
-            keys, values = cache.write(i, k, v)  # (B, Hkv, L, D)
-            if T == 1:
-                out = F.scaled_dot_product_attention(
-                    q.reshape(B, Hkv, H // Hkv, D), keys, values, attn_mask=mask
+            keys, values = cache.write(i, k, v)  # (L, B, Hkv, D)
+            if T == 1:  # batched products straight on the time-major buffer: (B Hkv, G, D) x (B Hkv, L, D)
+                keys = keys.view(L, B * Hkv, D).transpose(0, 1)
+                values = values.view(L, B * Hkv, D).transpose(0, 1)
+                scores = torch.baddbmm(
+                    bias, q.reshape(B * Hkv, group, D), keys.transpose(1, 2), alpha=D**-0.5
                 )
+                probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(values.dtype)  # as transformers
+                out = torch.bmm(probs, values)  # (B Hkv, G, D)
             else:
-                group = H // Hkv
-                keys, values = keys.repeat_interleave(group, dim=1), values.repeat_interleave(group, dim=1)
+                keys = keys.permute(1, 2, 0, 3).repeat_interleave(group, dim=1)  # (B, H, L, D)
+                values = values.permute(1, 2, 0, 3).repeat_interleave(group, dim=1)
                 out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
             out = out.reshape(B, H, T, D).transpose(1, 2).reshape(B, T, H * D)
             x = layer.o.binary(out, x, "add")  # the residual add fused into the product
