@@ -361,10 +361,10 @@ class SamplingCopy:
     current (LoRA-merged) weights. Two reasons to keep one:
     - pack=True (CPU): linear weights are packed for oneDNN (PackedLinear: dense in and out), which
       decodes a batch of 16 ~2-3x faster per layer than F.linear (greedy tokens equal, log-probs within
-      ~1e-5 on the built-in model), at the cost of keeping the copy between rollouts. Llama-shaped models
-      (graft.rollout.decoder) then sample through graft's own forward with fused projections; other
-      models keep the transformers modules with each nn.Linear swapped for a PackedLinear
-      (own_decoder=False forces that for any model);
+      ~1e-5 on the built-in model). Llama-shaped models (graft.rollout.decoder) then sample through
+      graft's own forward with fused projections, which between rollouts keeps only what no update
+      changes (under LoRA: the LM head); other models keep the transformers modules with each nn.Linear
+      swapped for a PackedLinear, a whole copy kept between rollouts (own_decoder=False forces that);
     - dtype=bfloat16: half the bytes per decode step while training keeps its precision; the samples then
       come from the policy rounded to bfloat16, the trade of sampling with a bf16 inference engine.
     """
@@ -381,9 +381,7 @@ class SamplingCopy:
         plain = policy.get_base_model() if self.is_peft else policy
         with torch.no_grad():
             try:
-                if (
-                    pack and own_decoder and decoder_problem(plain) is None
-                ):  # Llama-shaped: graft's own forward
+                if pack and own_decoder and decoder_problem(plain) is None:  # graft's own forward
                     self.model = Decoder(plain, merged_state(policy)[0], dtype, pack=True)
                     return
                 model = copy.deepcopy(policy)

@@ -67,7 +67,7 @@ def rollout(
     sampling_copy: SamplingCopy | None = None,
 ) -> Rollout:  # fmt: skip
     policy.eval()  # no dropout while sampling: the sampler's log-probs must describe the policy we train
-    if sampling_copy is not None:  # e.g. a bf16 copy of the merged policy (generation.dtype)
+    if sampling_copy is not None:  # packed (generation.pack_weights) or bf16 (generation.dtype) copy
         weights = sampling_copy.sampling(policy)
     else:
         weights = merged_adapter(policy, cfg.generation.merge_adapter)
