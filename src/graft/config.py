@@ -215,6 +215,11 @@ class TrainConfig(_Section):
         description="training forward under torch.autocast in this dtype (weights, Adam, loss stay as they "
         "are); bfloat16 is ~1.8x faster on CPUs with AVX512-BF16/AMX",
     )
+    replay: bool = Field(
+        True,
+        description="at mu = 1, backpropagate through the activations the rollout computed instead of a "
+        "second forward (LoRA, float32, graft's CPU decoder, micro_batch_size >= batch; else two passes)",
+    )
     deterministic: bool = Field(
         False, description="deterministic kernels: a resumed run repeats a straight one bit for bit"
     )

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from conftest import build_tiny_model
+from conftest import build_tiny_model, build_tiny_qwen2
 from graft.models import merged_state
 from graft.rollout.decoder import Decoder, decoder_problem
 from graft.rollout.sampler import left_pad, position_ids_from_mask, sample
@@ -12,23 +12,7 @@ PROMPTS = [[1, 33, 31, 17, 6, 65, 7], [1, 40, 8], [1, 20, 21, 22, 23]]
 VOCAB = 70
 
 
-def tiny_qwen2():
-    """Qwen2's shape: biases on q/k/v only, an untied head."""
-    from transformers import Qwen2Config, Qwen2ForCausalLM
-
-    torch.manual_seed(1)
-    config = Qwen2Config(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                         tie_word_embeddings=False, use_sliding_window=False)  # fmt: skip
-    model = Qwen2ForCausalLM(config).eval()
-    with torch.no_grad():  # transformers initialises biases to zero: make them count
-        for layer in model.model.layers:
-            for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
-                proj.bias.normal_(0, 0.5)
-    return model
-
-
-MODELS = {"llama": lambda: build_tiny_model(VOCAB), "qwen2": tiny_qwen2}
+MODELS = {"llama": lambda: build_tiny_model(VOCAB), "qwen2": lambda: build_tiny_qwen2(VOCAB)}
 
 
 def _reference_logits(model, ids, mask):  # (B, L, V): the transformers forward over whole sequences
@@ -93,7 +77,7 @@ def test_unsupported_models_are_named_and_left_to_transformers():
     from transformers import GPT2Config, GPT2LMHeadModel, MistralConfig, MistralForCausalLM
 
     assert decoder_problem(build_tiny_model(VOCAB)) is None
-    assert decoder_problem(tiny_qwen2()) is None
+    assert decoder_problem(build_tiny_qwen2(VOCAB)) is None
     gpt2 = GPT2LMHeadModel(GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=1, n_head=2, n_positions=64))
     assert "model type 'gpt2'" in decoder_problem(gpt2)
     small = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=1,

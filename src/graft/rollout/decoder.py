@@ -15,7 +15,8 @@ Inference only, no autograd.
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -74,12 +75,13 @@ class KVBuffers:
     strided filled part first). Other dtypes keep (B, H_kv, capacity, D) for torch's fused attention,
     which beats batched products there (bf16: ~220 vs ~480 us per layer and step, measured)."""
 
-    def __init__(self, num_layers: int, time_major: bool):
+    def __init__(self, num_layers: int, time_major: bool, batch_size: int):
         self.keys: list[torch.Tensor] = [None] * num_layers  # type: ignore[list-item]
         self.values: list[torch.Tensor] = [None] * num_layers  # type: ignore[list-item]
         self.length = 0
         self.time_major = time_major
         self.t, self.b = (0, 1) if time_major else (2, 0)  # the time and batch dimensions of a buffer
+        self.rows = torch.arange(batch_size)  # each cache row's index in the batch it was last expanded to
 
     def _layout(self, x: torch.Tensor) -> torch.Tensor:  # (B, H_kv, T, D) -> the buffer's layout
         return x.permute(2, 0, 1, 3) if self.time_major else x
@@ -114,10 +116,36 @@ class KVBuffers:
     def batch_repeat_interleave(self, repeats: int) -> None:
         self.keys = [k.repeat_interleave(repeats, dim=self.b) for k in self.keys]
         self.values = [v.repeat_interleave(repeats, dim=self.b) for v in self.values]
+        self.rows = torch.arange(len(self.rows) * repeats)
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
         self.keys = [k.index_select(self.b, indices) for k in self.keys]
         self.values = [v.index_select(self.b, indices) for v in self.values]
+        self.rows = self.rows[indices.cpu()]
+
+
+class LayerTrace(NamedTuple):
+    """A layer's tensors from one forward call, each (b, T, C): the inputs of its products and what the
+    backward of its attention and gating needs. The residual stream in (x) and after attention (mid)."""
+
+    x: torch.Tensor  # (b, T, d)
+    qkv: torch.Tensor  # (b, T, (H + 2 H_kv) D) before RoPE
+    attention: torch.Tensor  # (b, T, H D) the o product's input
+    mid: torch.Tensor  # (b, T, d)
+    gate: torch.Tensor  # (b, T, ffn) before SiLU
+    up: torch.Tensor  # (b, T, ffn)
+
+
+@dataclass
+class Recording:
+    """Every forward call of a rollout, kept for graft.train.replay (backward without a second forward).
+    The first call is the prefill, one row per prompt; each later call is a decode step over the rows
+    still running (`rows`: their indices in the completion batch). No copies: these are the tensors the
+    forward made anyway, only kept alive."""
+
+    rows: list[torch.Tensor] = field(default_factory=list)  # per call: (b,) batch rows
+    layers: list[list[LayerTrace]] = field(default_factory=list)  # per call, per layer
+    final: list[torch.Tensor] = field(default_factory=list)  # per call: (b, T', d) residual into the head
 
 
 @dataclass
@@ -175,6 +203,7 @@ class Decoder:
         self.rotary = copy.deepcopy(model.model.rotary_emb)  # the model's RoPE, scaling variants included
         self.layers = [_Layer() for _ in model.model.layers]
         self.embed = self.head = None
+        self.recording: Recording | None = None  # set by graft.train.replay's rollouts
         self.load(state)
 
     # ------------------------------------------------------------------------------------------- weights
@@ -253,7 +282,14 @@ class Decoder:
         B, T = input_ids.shape
         H, Hkv, D = self.num_heads, self.num_kv_heads, self.head_dim
         time_major = self.dtype == torch.float32
-        cache = past_key_values if past_key_values is not None else KVBuffers(len(self.layers), time_major)
+        if past_key_values is None:
+            past_key_values = KVBuffers(len(self.layers), time_major, B)
+        cache = past_key_values
+        traces = None
+        if self.recording is not None:
+            traces = []
+            self.recording.rows.append(cache.rows)
+            self.recording.layers.append(traces)
         if attention_mask is None:
             attention_mask = torch.ones(B, cache.length + T, dtype=torch.long, device=input_ids.device)
         if position_ids is None:
@@ -273,7 +309,8 @@ class Decoder:
             diagonal = torch.arange(L, device=x.device) == torch.arange(T, device=x.device)[:, None] + (L - T)
             mask = ((causal & keep[:, None, :]) | diagonal)[:, None]  # (B, 1, T, L)
         for i, layer in enumerate(self.layers):
-            qkv = layer.qkv(self._norm(x)).view(B, T, H + 2 * Hkv, D).transpose(1, 2)  # (B, H + 2Hkv, T, D)
+            projected = layer.qkv(self._norm(x))  # (B, T, (H + 2Hkv) D)
+            qkv = projected.view(B, T, H + 2 * Hkv, D).transpose(1, 2)  # (B, H + 2Hkv, T, D)
             qk = self._rotate(qkv[:, : H + Hkv], cos, sin)
             q, k, v = qk[:, :H], qk[:, H:], qkv[:, H + Hkv :]
             keys, values = cache.write(i, k, v)
@@ -299,10 +336,17 @@ class Decoder:
                     )
                     out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
             out = out.reshape(B, H, T, D).transpose(1, 2).reshape(B, T, H * D)
-            x = layer.o.binary(out, x, "add")  # the residual add fused into the product
-            h = self._norm(x)
-            x = layer.down.binary(layer.up.binary(h, layer.gate(h, "swish"), "mul"), x, "add")
+            mid = layer.o.binary(out, x, "add")  # the residual add fused into the product
+            h = self._norm(mid)
+            if traces is None:
+                x = layer.down.binary(layer.up.binary(h, layer.gate(h, "swish"), "mul"), mid, "add")
+            else:  # the backward needs the gate before its SiLU: no fused activation
+                gate, up = layer.gate(h), layer.up(h)
+                traces.append(LayerTrace(x, projected, out, mid, gate, up))
+                x = layer.down.binary(F.silu(gate).mul_(up), mid, "add")
         cache.length += T
         if logits_to_keep:
             x = x[:, -logits_to_keep:]
+        if self.recording is not None:
+            self.recording.final.append(x)
         return DecoderOutput(logits=self.head(self._norm(x)), past_key_values=cache)

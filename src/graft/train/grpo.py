@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +33,7 @@ from graft.models import (
 )
 from graft.report import write_report
 from graft.rewards.runtime import RewardRuntime, reward_name
+from graft.rollout.decoder import Recording
 from graft.rollout.sampler import Rollout, position_ids_from_mask, sample
 from graft.tasks import Problem, Task
 from graft.tracking import ProgressDisplay, Tracker
@@ -43,6 +45,7 @@ from graft.train.checkpoint import (
     save_checkpoint,
     save_model,
 )
+from graft.train.replay import replay_backward, replay_problem
 from graft.train.run import PromptOrder, RunDir, StopRequest, build_optimizer, setup_process
 from graft.train.sft import warm_start
 from graft.validate import validate_or_raise
@@ -57,6 +60,7 @@ class ScoredBatch:
     advantages: torch.Tensor  # (B,)
     old_logprobs: torch.Tensor | None  # (B, T) policy before this step's updates; None when mu = 1
     ref_logprobs: torch.Tensor | None  # (B, T) reference policy; None when beta = 0
+    recording: Recording | None = None  # the rollout's forward, when the update replays it (train.replay)
 
 
 # --------------------------------------------------------------------------------------------- rollout
@@ -64,26 +68,33 @@ class ScoredBatch:
 
 def rollout(
     policy, tokenizer, task: Task, problems: list[Problem], cfg: Config, stop_ids, generator,
-    sampling_copy: SamplingCopy | None = None,
+    sampling_copy: SamplingCopy | None = None, recording: Recording | None = None,
 ) -> Rollout:  # fmt: skip
+    """Sample the groups; with `recording` (graft's decoder only) the forward's tensors are kept in it."""
     policy.eval()  # no dropout while sampling: the sampler's log-probs must describe the policy we train
     if sampling_copy is not None:  # packed (generation.pack_weights) or bf16 (generation.dtype) copy
         weights = sampling_copy.sampling(policy)
     else:
         weights = merged_adapter(policy, cfg.generation.merge_adapter)
     with weights as model:
-        return sample(
-            model,
-            encode_prompts(tokenizer, task, problems),
-            group_size=cfg.grpo.num_generations,
-            max_new_tokens=cfg.generation.max_new_tokens,
-            min_new_tokens=cfg.generation.min_new_tokens,
-            pad_id=tokenizer.pad_token_id,
-            stop_ids=stop_ids,
-            temperature=cfg.generation.temperature,
-            top_p=cfg.generation.top_p,
-            generator=generator,
-        )
+        if recording is not None:
+            model.recording = recording
+        try:
+            return sample(
+                model,
+                encode_prompts(tokenizer, task, problems),
+                group_size=cfg.grpo.num_generations,
+                max_new_tokens=cfg.generation.max_new_tokens,
+                min_new_tokens=cfg.generation.min_new_tokens,
+                pad_id=tokenizer.pad_token_id,
+                stop_ids=stop_ids,
+                temperature=cfg.generation.temperature,
+                top_p=cfg.generation.top_p,
+                generator=generator,
+            )
+        finally:
+            if recording is not None:
+                model.recording = None
 
 
 # --------------------------------------------------------------------------------------------- rewards
@@ -226,54 +237,61 @@ def frozen_logprobs(model, r: Rollout, cfg: Config, device) -> torch.Tensor:
 
 def update_policy(policy, optimizer, scheduler, batch: ScoredBatch, cfg: Config, device, params) -> dict:
     """num_iterations passes over the batch, each split into num_minibatches optimizer steps, each made of
-    micro-batches whose gradients accumulate (loss normalisers count the whole minibatch, see algo)."""
+    micro-batches whose gradients accumulate (loss normalisers count the whole minibatch, see algo). With a
+    recording (mu = 1, one minibatch) the single step replays the rollout's forward instead."""
     g = cfg.grpo
     r = batch.rollout
     B = r.completion_ids.shape[0]
     minibatch_size = B // g.num_minibatches
     losses, clip_fracs, kls, grad_norms = [], [], [], []
     skipped = 0
+
+    def loss(
+        logprobs: torch.Tensor, idx: torch.Tensor, mask: torch.Tensor, mb: torch.Tensor, num_tokens: int
+    ):
+        T = logprobs.shape[1]
+        old = logprobs.detach() if batch.old_logprobs is None else batch.old_logprobs[idx, :T].to(device)
+        ref = None if batch.ref_logprobs is None else batch.ref_logprobs[idx, :T].to(device)
+        return algo.policy_loss(
+            logprobs,
+            old,
+            batch.advantages[idx].to(device),
+            mask,
+            loss_type=g.loss_type,
+            num_sequences=len(mb),
+            num_tokens=num_tokens,
+            max_completion_length=cfg.generation.max_new_tokens,
+            epsilon=g.epsilon,
+            epsilon_high=g.epsilon_high,
+            delta=g.delta,
+            importance_sampling_level=g.importance_sampling_level,
+            beta=g.beta,
+            ref_logprobs=ref,
+        )
+
     policy.train()
     for _ in range(g.num_iterations):
         for mb in torch.arange(B).split(minibatch_size):
             num_tokens = int(r.completion_mask[mb].sum())
             optimizer.zero_grad(set_to_none=True)
-            step_loss = 0.0
-            for idx in mb.split(cfg.train.micro_batch_size):
-                prompt_ids, prompt_mask, completion_ids, mask = micro_batch(r, idx, device)
-                T = completion_ids.shape[1]
-                with autocast(cfg, device):
-                    logprobs = completion_logprobs(
-                        policy, prompt_ids, prompt_mask, completion_ids, mask, cfg.generation.temperature
-                    )
-                old = (
-                    logprobs.detach()
-                    if batch.old_logprobs is None
-                    else batch.old_logprobs[idx, :T].to(device)
-                )
-                ref = None if batch.ref_logprobs is None else batch.ref_logprobs[idx, :T].to(device)
-                out = algo.policy_loss(
-                    logprobs,
-                    old,
-                    batch.advantages[idx].to(device),
-                    mask,
-                    loss_type=g.loss_type,
-                    num_sequences=len(mb),
-                    num_tokens=num_tokens,
-                    max_completion_length=cfg.generation.max_new_tokens,
-                    epsilon=g.epsilon,
-                    epsilon_high=g.epsilon_high,
-                    delta=g.delta,
-                    importance_sampling_level=g.importance_sampling_level,
-                    beta=g.beta,
-                    ref_logprobs=ref,
-                )
-                out.loss.backward()
-                # statistics stay on the device until the end: .item() per micro-batch would stall a GPU
-                step_loss = step_loss + out.loss.detach()
-                clip_fracs.append(out.clip_fraction)
-                if out.kl is not None:
-                    kls.append(out.kl)
+            outs = []
+            if batch.recording is not None:
+                mask = r.completion_mask.to(device)
+                loss_fn = functools.partial(loss, idx=mb, mask=mask, mb=mb, num_tokens=num_tokens)
+                outs.append(replay_backward(policy, batch.recording, r, cfg.generation.temperature, loss_fn))
+            else:
+                for idx in mb.split(cfg.train.micro_batch_size):
+                    prompt_ids, prompt_mask, completion_ids, mask = micro_batch(r, idx, device)
+                    with autocast(cfg, device):
+                        logprobs = completion_logprobs(
+                            policy, prompt_ids, prompt_mask, completion_ids, mask, cfg.generation.temperature
+                        )
+                    outs.append(loss(logprobs, idx, mask, mb, num_tokens))
+                    outs[-1].loss.backward()
+            # statistics stay on the device until the end: .item() per micro-batch would stall a GPU
+            step_loss = torch.stack([out.loss.detach() for out in outs]).sum()
+            clip_fracs.extend(out.clip_fraction for out in outs)
+            kls.extend(out.kl for out in outs if out.kl is not None)
             max_norm = cfg.train.max_grad_norm if cfg.train.max_grad_norm is not None else float("inf")
             grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
             if torch.isfinite(step_loss) and torch.isfinite(grad_norm):
@@ -296,6 +314,7 @@ def update_policy(policy, optimizer, scheduler, batch: ScoredBatch, cfg: Config,
         "kl": mean(kls),
         "lr": scheduler.get_last_lr()[0],
         "nonfinite_skipped": skipped,
+        "replayed": batch.recording is not None,  # train.replay: backward through the rollout's forward
         "optimizer_steps": g.num_iterations * g.num_minibatches,
     }
 
@@ -408,6 +427,8 @@ def train(cfg: Config, console=None, stop_after: int | None = None) -> Path:
     pack = cfg.generation.pack_weights and device.type == "cpu"
     if pack or sampling_dtype != policy.dtype:
         sampling_copy = SamplingCopy(policy, sampling_dtype, pack=pack)
+    replay_reason = replay_problem(policy, sampling_copy, cfg) if cfg.train.replay else None
+    replaying = cfg.train.replay and replay_reason is None
     params = [p for p in policy.parameters() if p.requires_grad]
     optimizer, scheduler = build_optimizer(params, cfg)
     generator = torch.Generator(device=device).manual_seed(cfg.train.seed)
@@ -463,13 +484,22 @@ def train(cfg: Config, console=None, stop_after: int | None = None) -> Path:
             accuracy = run_eval("before", 0)
             display.print(f"held-out accuracy before training: {accuracy:.3f}")
             tracker.write({"step": 0, "eval/accuracy": accuracy})
+        if replay_reason is not None:
+            display.print(
+                f"[dim]train.replay: not used, a second forward per update: {escape(replay_reason)}[/dim]"
+            )
         display.start(first_step - 1)
 
         with StopRequest() as stop:
             for step in range(first_step, cfg.train.max_steps + 1):
                 t0 = time.perf_counter()
                 problems = order.next_problems(cfg.train.prompts_per_step)
-                r = rollout(policy, tokenizer, task, problems, cfg, stop_ids, generator, sampling_copy)
+                recording = Recording() if replaying else None
+                r = rollout(
+                    policy, tokenizer, task, problems, cfg, stop_ids, generator, sampling_copy, recording
+                )
+                if r.completion_ids.shape[1] < 2:  # nothing was fed back to the model: no forward to replay
+                    recording = None
                 t1 = time.perf_counter()
 
                 texts, prompts, columns = reward_inputs(tokenizer, task, problems, r, cfg)
@@ -489,7 +519,8 @@ def train(cfg: Config, console=None, stop_after: int | None = None) -> Path:
                 if cfg.grpo.beta > 0:
                     with policy.disable_adapter() if ref_model is None else contextlib.nullcontext():
                         ref = frozen_logprobs(ref_model or policy, r, cfg, device)
-                batch = ScoredBatch(r, rewards, advantages, old, ref)
+                batch = ScoredBatch(r, rewards, advantages, old, ref, recording)
+                del recording  # the update consumes it; its tensors go as soon as each layer is done
                 update = update_policy(policy, optimizer, scheduler, batch, cfg, device, params)
                 t3 = time.perf_counter()
 

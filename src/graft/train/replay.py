@@ -1,0 +1,258 @@
+"""The update without a second forward: backward through the activations the rollout computed.
+
+At mu = 1 the policy that sampled the batch is the policy being trained, so a training forward would only
+compute again what the rollout's forward computed (same weights, same tokens). graft's decoder keeps those
+tensors (graft.rollout.decoder.Recording) and this module runs the backward alone, layer by layer from the
+LM head down: each product's input gradient and its LoRA factors' gradients by hand (dy @ W for the frozen
+weight, four thin products for A and B), the cheap nonlinear parts (RMSNorm, RoPE and attention, the SiLU
+gate, the head's log-softmax) by autograd on small graphs rebuilt from the recorded inputs. A step then
+costs the rollout, one backward and the head, instead of the rollout, a forward and a backward.
+
+Same math as the two-pass update up to float rounding (the recorded activations come from the packed,
+LoRA-merged sampling weights): tests compare the loss and every LoRA gradient with autograd's.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+
+from graft import algo
+from graft.rollout.decoder import PROJECTIONS, Decoder, LayerTrace, Recording
+from graft.rollout.sampler import Rollout, position_ids_from_mask
+
+PROJECTION_NAMES = tuple(m for members, _ in PROJECTIONS.values() for m in members)  # self_attn.q_proj, ...
+
+
+def replay_problem(policy, sampling_copy, cfg) -> str | None:
+    """Why this run's updates cannot replay the rollout's forward; None when they can."""
+    from peft import PeftModel
+    from peft.tuners.lora import LoraLayer
+
+    g, t = cfg.grpo, cfg.train
+    batch = t.prompts_per_step * g.num_generations
+    if g.num_iterations != 1 or g.num_minibatches != 1:
+        return "the batch outlives an update (grpo.num_iterations or grpo.num_minibatches > 1)"
+    if t.micro_batch_size < batch:
+        return f"train.micro_batch_size ({t.micro_batch_size}) is below the batch ({batch}): the recording holds it all"
+    if sampling_copy is None or not isinstance(sampling_copy.model, Decoder):
+        return "the rollout does not run graft's own decoder (CPU, generation.pack_weights, a Llama-shaped model)"
+    if sampling_copy.dtype != torch.float32 or policy.dtype != torch.float32 or t.autocast != "none":
+        return "mixed precision (the replay runs in float32 only)"
+    if not isinstance(policy, PeftModel):
+        return "full fine-tuning (the replay trains LoRA factors)"
+    allowed = set()
+    for name, module in policy.get_base_model().named_modules():
+        if not isinstance(module, LoraLayer):
+            continue
+        if not name.endswith(PROJECTION_NAMES) or getattr(module, "fan_in_fan_out", False):
+            return f"LoRA on {name}"
+        for adapter in module.active_adapters:
+            if adapter not in module.lora_A:
+                continue
+            if module.use_dora.get(adapter) or not isinstance(module.lora_A[adapter], torch.nn.Linear):
+                return f"a LoRA variant on {name} (DoRA or another)"
+            if not isinstance(module.lora_dropout[adapter], torch.nn.Identity):
+                return "lora.dropout > 0 (the rollout samples without dropout)"
+            allowed |= {id(module.lora_A[adapter].weight), id(module.lora_B[adapter].weight)}
+    if any(id(p) not in allowed for p in policy.parameters() if p.requires_grad):
+        return "trained parameters other than the projections' LoRA factors"
+    return None
+
+
+# --------------------------------------------------------------------------------------------- pieces
+
+
+def _accumulate(param: torch.Tensor, grad: torch.Tensor) -> None:
+    if param.requires_grad:
+        param.grad = grad if param.grad is None else param.grad.add_(grad)
+
+
+def linear_backward(module, x: torch.Tensor, dy: torch.Tensor) -> torch.Tensor:
+    """dx for y = x W^T + s (x A^T) B^T, from x (N, in) and dy (N, out); adds s B^T-side and A-side
+    gradients to the active LoRA factors' .grad. A plain nn.Linear gives dy @ W."""
+    base = module.get_base_layer() if hasattr(module, "get_base_layer") else module
+    dx = dy @ base.weight.detach()  # (N, in)
+    for name in getattr(module, "active_adapters", ()):
+        if name not in getattr(module, "lora_A", {}):
+            continue
+        A, B, s = module.lora_A[name].weight, module.lora_B[name].weight, module.scaling[name]
+        dy_b = dy @ B.detach()  # (N, r)
+        _accumulate(B, (dy.T @ (x @ A.detach().T)).mul_(s))  # (out, r)
+        _accumulate(A, (dy_b.T @ x).mul_(s))  # (r, in)
+        dx.addmm_(dy_b, A.detach(), alpha=s)
+    return dx
+
+
+def _through(fn: Callable, x: torch.Tensor, backward: Callable) -> torch.Tensor:
+    """dx of a small differentiable piece y = fn(x), given backward(y) -> dy: the graph is rebuilt from x."""
+    with torch.enable_grad():
+        leaf = x.detach().requires_grad_()
+        y = fn(leaf)
+        (dx,) = torch.autograd.grad(y, leaf, backward(y.detach()))
+    return dx
+
+
+def _completion_part(parts: list[torch.Tensor], rows: list[torch.Tensor], B: int) -> torch.Tensor:
+    """(B, T', C) from T' decode calls' (b_t, 1, C) tensors over rows `rows[t]`; zeros where a row had
+    stopped (those positions carry no loss, see replay_backward)."""
+    if all(len(r) == B for r in rows):  # nobody stopped early: the rows are 0..B-1 in every call
+        return torch.cat(parts, dim=1)
+    out = parts[0].new_zeros(B, len(parts), parts[0].shape[-1])
+    for t, (part, r) in enumerate(zip(parts, rows, strict=True)):
+        out[r, t] = part[:, 0]
+    return out
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return x * cos + torch.cat((-x[..., half:], x[..., :half]), dim=-1) * sin
+
+
+def _attention_masks(prompt_mask: torch.Tensor, keep: torch.Tensor, Tc: int):
+    """((U, 1, P, P) prompt, (B, 1, Tc, P + Tc) completion) boolean masks: causal over real tokens, as the
+    decoder's; every query also sees itself, so no softmax row is empty."""
+    P = prompt_mask.shape[1]
+    eye_p = torch.eye(P, dtype=torch.bool)
+    prompt = (torch.ones(P, P, dtype=torch.bool).tril() & prompt_mask.bool()[:, None, :]) | eye_p
+    L = P + Tc
+    causal = torch.ones(Tc, L, dtype=torch.bool).tril(P)
+    diagonal = torch.arange(L) == torch.arange(Tc)[:, None] + P
+    completion = (causal & keep.bool()[:, None, :]) | diagonal
+    return prompt[:, None], completion[:, None]
+
+
+# --------------------------------------------------------------------------------------------- backward
+
+
+class _Replay:
+    """The state of one replayed backward: shapes, rotary tables and masks shared by every layer."""
+
+    def __init__(self, model, rec: Recording, r: Rollout):
+        cfg = model.config
+        self.model, self.rec, self.G = model, rec, r.group_size
+        self.B, T = r.completion_ids.shape
+        self.U, self.P = self.B // self.G, r.prompt_ids.shape[1]
+        self.Tc = T - 1  # decode calls: the last token is sampled, never fed back
+        if len(rec.layers) != T or T < 2:
+            raise RuntimeError(f"the recording has {len(rec.layers)} forward calls for {T} completion tokens")
+        self.H = cfg.num_attention_heads
+        self.Hkv = getattr(cfg, "num_key_value_heads", None) or self.H
+        self.D = getattr(cfg, "head_dim", None) or cfg.hidden_size // self.H
+        mask = torch.cat([r.prompt_mask, r.completion_mask], dim=1)  # (B, P + T)
+        positions = position_ids_from_mask(mask)
+        prompt_mask = r.prompt_mask[:: self.G]  # (U, P) a group's rows share their prompt
+        anchor = rec.final[0]
+        rotary = model.model.rotary_emb
+        self.rope_p = [t[:, None] for t in rotary(anchor, positions[:: self.G, : self.P])]  # (U, 1, P, D)
+        self.rope_c = [t[:, None] for t in rotary(anchor, positions[:, self.P : self.P + self.Tc])]
+        self.mask_p, self.mask_c = _attention_masks(prompt_mask, mask[:, : self.P + self.Tc], self.Tc)
+
+    def completion(self, per_call: list[torch.Tensor]) -> torch.Tensor:
+        return _completion_part(per_call, self.rec.rows[1:], self.B)
+
+    def flat(self, prompt: torch.Tensor, completion: torch.Tensor) -> torch.Tensor:  # (U P + B Tc, C)
+        return torch.cat([prompt.reshape(-1, prompt.shape[-1]), completion.reshape(-1, completion.shape[-1])])
+
+    def split(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        n = self.U * self.P
+        return x[:n].view(self.U, self.P, -1), x[n:].view(self.B, self.Tc, -1)
+
+    def _heads(self, qkv: torch.Tensor, rope) -> tuple[torch.Tensor, ...]:
+        n, T, _ = qkv.shape
+        H, Hkv = self.H, self.Hkv
+        heads = qkv.view(n, T, H + 2 * Hkv, self.D).transpose(1, 2)
+        qk = _rotate(heads[:, : H + Hkv], *rope)
+        return qk[:, :H], qk[:, H:], heads[:, H + Hkv :]
+
+    def attention(self, qkv_p: torch.Tensor, qkv_c: torch.Tensor):
+        """(U, P, H D), (B, Tc, H D) attention outputs from the projected q/k/v, differentiably."""
+        qp, kp, vp = self._heads(qkv_p, self.rope_p)
+        qc, kc, vc = self._heads(qkv_c, self.rope_c)
+        out_p = F.scaled_dot_product_attention(qp, kp, vp, attn_mask=self.mask_p, enable_gqa=True)
+        keys = torch.cat([kp.repeat_interleave(self.G, dim=0), kc], dim=2)  # (B, Hkv, P + Tc, D)
+        values = torch.cat([vp.repeat_interleave(self.G, dim=0), vc], dim=2)
+        out_c = F.scaled_dot_product_attention(qc, keys, values, attn_mask=self.mask_c, enable_gqa=True)
+        return out_p.transpose(1, 2).flatten(2), out_c.transpose(1, 2).flatten(2)
+
+    def attention_backward(
+        self, trace_p: LayerTrace, trace_c: LayerTrace, d_out: torch.Tensor
+    ) -> torch.Tensor:
+        d_p, d_c = self.split(d_out)
+        with torch.enable_grad():
+            leaves = trace_p.qkv.detach().requires_grad_(), trace_c.qkv.detach().requires_grad_()
+            outs = self.attention(*leaves)
+            grads = torch.autograd.grad(outs, leaves, (d_p, d_c))
+        return self.flat(*grads)
+
+    def layer_backward(self, i: int, dy: torch.Tensor) -> torch.Tensor:
+        """The gradient into layer i's input from the gradient of its output, both (N, d); adds the
+        layer's LoRA gradients on the way."""
+        layer = self.model.model.layers[i]
+        attn, mlp = layer.self_attn, layer.mlp
+        trace_p = self.rec.layers[0][i]
+        trace_c = LayerTrace(
+            *(self.completion([call[i][f] for call in self.rec.layers[1:]]) for f in range(6))
+        )
+        for call in self.rec.layers:  # free the per-call tensors as soon as they are gathered
+            call[i] = None
+        # MLP: out = mid + down(silu(gate) * up)
+        gate, up = self.flat(trace_p.gate, trace_c.gate), self.flat(trace_p.up, trace_c.up)
+        sig = torch.sigmoid(gate)
+        silu = gate * sig
+        d_hidden = linear_backward(mlp.down_proj, silu * up, dy)
+        d_up = d_hidden * silu
+        d_gate = d_hidden.mul_(up).mul_(sig.mul_(gate * (1 - sig) + 1))  # silu' = sig (1 + gate (1 - sig))
+        del gate, up, sig, silu
+        mid = self.flat(trace_p.mid, trace_c.mid)
+        d_mid = dy + _through(
+            layer.post_attention_layernorm,
+            mid,
+            lambda h: linear_backward(mlp.gate_proj, h, d_gate).add_(linear_backward(mlp.up_proj, h, d_up)),
+        )
+        del mid
+        # attention: mid = x + o(attention(rope(q), rope(k), v)), q/k/v = projections of norm(x)
+        d_attention = linear_backward(attn.o_proj, self.flat(trace_p.attention, trace_c.attention), d_mid)
+        d_qkv = self.attention_backward(trace_p, trace_c, d_attention)
+        q_end, k_end = self.H * self.D, (self.H + self.Hkv) * self.D
+
+        def qkv_backward(h: torch.Tensor) -> torch.Tensor:
+            dx = linear_backward(attn.q_proj, h, d_qkv[:, :q_end])
+            dx.add_(linear_backward(attn.k_proj, h, d_qkv[:, q_end:k_end]))
+            return dx.add_(linear_backward(attn.v_proj, h, d_qkv[:, k_end:]))
+
+        return d_mid.add_(_through(layer.input_layernorm, self.flat(trace_p.x, trace_c.x), qkv_backward))
+
+
+@torch.no_grad()
+def replay_backward(
+    policy,
+    rec: Recording,
+    r: Rollout,
+    temperature: float,
+    loss_fn: Callable[[torch.Tensor], algo.losses.PolicyLossOutput],
+) -> algo.losses.PolicyLossOutput:
+    """Add to the LoRA factors' .grad the gradient of loss_fn(log-probs (B, T)) over the whole rollout,
+    from the forward the rollout recorded; returns loss_fn's output. Consumes the recording."""
+    model = policy.get_base_model()
+    replay = _Replay(model, rec, r)
+    # the LM head and the loss: hidden states predicting completion token t are the prompt's last
+    # position for t = 0 and decode call t's output for t > 0
+    with torch.enable_grad():
+        final_p = rec.final[0][:, -1:].detach().requires_grad_()  # (U, 1, d)
+        final_c = replay.completion(rec.final[1:]).requires_grad_()  # (B, Tc, d)
+        hidden = model.model.norm(torch.cat([final_p.repeat_interleave(replay.G, dim=0), final_c], dim=1))
+        head = model.get_output_embeddings().weight
+        logprobs = algo.linear_token_logprobs(hidden, head, r.completion_ids, temperature, chunk_rows=1024)
+        out = loss_fn(logprobs)
+        d_final_p, d_final_c = torch.autograd.grad(out.loss, (final_p, final_c))
+    rec.final.clear()
+    d_prompt = d_final_p.new_zeros(replay.U, replay.P, d_final_p.shape[-1])
+    d_prompt[:, -1:] = d_final_p
+    dy = replay.flat(d_prompt, d_final_c)  # (N, d) gradient of the last layer's output
+    for i in reversed(range(len(model.model.layers))):
+        dy = replay.layer_backward(i, dy)
+    rec.layers.clear()
+    return out

@@ -1,0 +1,116 @@
+"""The replayed update (train.replay: backward through the rollout's recorded forward) against the
+two-pass update it replaces: same loss, same LoRA gradients, up to float32 summation order."""
+
+import pytest
+import torch
+
+from conftest import build_tiny_model, build_tiny_qwen2
+from graft import algo
+from graft.config import LoraConfig, load_config
+from graft.models import SamplingCopy, add_lora
+from graft.rollout.decoder import Recording
+from graft.rollout.sampler import sample
+from graft.train.grpo import completion_logprobs
+from graft.train.replay import replay_backward, replay_problem
+
+VOCAB = 70
+PROMPTS = [[1, 33, 31, 17, 6, 65, 7], [1, 40, 8], [1, 20, 21, 22, 23]]
+STOPS = [2, 11, 23, 37, 51, 64]  # ~9% of the vocabulary: completions of many lengths
+MODELS = {"llama": lambda: build_tiny_model(VOCAB), "qwen2": lambda: build_tiny_qwen2(VOCAB)}
+
+
+def adapted(model):
+    model = add_lora(model, LoraConfig(r=4), seed=0)
+    with torch.no_grad():  # a trained-looking adapter: B starts at zero, which would hide A's gradients
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.2, generator=torch.Generator().manual_seed(len(name)))
+    return model
+
+
+def recorded_rollout(model, temperature: float, group_size: int = 4, max_new_tokens: int = 9):
+    copy = SamplingCopy(model, torch.float32, pack=True)
+    recording = Recording()
+    with copy.sampling(model) as decoder:
+        decoder.recording = recording
+        r = sample(decoder, PROMPTS, group_size=group_size, max_new_tokens=max_new_tokens, pad_id=0,
+                   stop_ids=STOPS, temperature=temperature, generator=torch.Generator().manual_seed(5))  # fmt: skip
+    return r, recording
+
+
+def lora_grads(model) -> dict[str, torch.Tensor]:
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+@pytest.mark.parametrize("loss_type", ["dapo", "grpo"])
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+@pytest.mark.parametrize("arch", list(MODELS))
+def test_replayed_backward_gives_the_two_pass_loss_and_gradients(arch, temperature, loss_type):
+    model = adapted(MODELS[arch]())
+    r, recording = recorded_rollout(model, temperature)
+    lengths = r.completion_lengths
+    assert lengths.min() < lengths.max() == r.completion_ids.shape[1]  # rows left the batch mid-rollout
+    advantages = torch.linspace(-1.5, 1.0, len(lengths))
+
+    def loss_fn(logprobs):
+        return algo.policy_loss(logprobs, logprobs.detach(), advantages, r.completion_mask, loss_type=loss_type,
+                                num_sequences=len(lengths), num_tokens=int(lengths.sum()), max_completion_length=9)  # fmt: skip
+
+    model.train()
+    logprobs = completion_logprobs(model, r.prompt_ids, r.prompt_mask, r.completion_ids, r.completion_mask,
+                                   temperature)  # fmt: skip
+    expected = loss_fn(logprobs)
+    expected.loss.backward()
+    expected_grads = lora_grads(model)
+    model.zero_grad(set_to_none=True)
+
+    out = replay_backward(model, recording, r, temperature, loss_fn)
+    assert out.loss.item() == pytest.approx(expected.loss.item(), rel=1e-5)
+    grads = lora_grads(model)
+    assert (
+        grads.keys() == expected_grads.keys() and len(grads) == 2 * 7 * 2
+    )  # A and B, 7 projections, 2 layers
+    for name, g in grads.items():
+        want = expected_grads[name]
+        assert want.abs().max() > 0, name  # every factor gets a gradient here, so none can hide a mistake
+        assert torch.allclose(g, want, rtol=1e-4, atol=1e-5 * want.abs().max().item()), name
+    assert not recording.layers and not recording.final  # consumed, its memory freed
+
+
+def test_a_rollout_without_recording_matches_one_with():
+    """Recording unfuses the gate's SiLU: samples and log-probs must not change."""
+    model = adapted(build_tiny_model(VOCAB))
+    r_rec, _ = recorded_rollout(model, 1.0)
+    copy = SamplingCopy(model, torch.float32, pack=True)
+    with copy.sampling(model) as decoder:
+        r = sample(decoder, PROMPTS, group_size=4, max_new_tokens=9, pad_id=0, stop_ids=STOPS, temperature=1.0,
+                   generator=torch.Generator().manual_seed(5))  # fmt: skip
+    assert torch.equal(r.completion_ids, r_rec.completion_ids)
+    assert torch.allclose(r.logprobs, r_rec.logprobs, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "reason"),
+    [
+        ([], None),
+        (["grpo.num_iterations=2"], "outlives an update"),
+        (["grpo.num_minibatches=2"], "outlives an update"),
+        (["train.micro_batch_size=4"], "micro_batch_size (4) is below the batch (8)"),
+        (["generation.dtype=bfloat16"], "mixed precision"),
+        (["train.autocast=bfloat16"], "mixed precision"),
+        (["generation.pack_weights=false"], "graft's own decoder"),
+        (["lora.dropout=0.1"], "dropout"),
+        (["lora.enabled=false"], "full fine-tuning"),
+        (["lora.target_modules=[q_proj,lm_head]"], "LoRA on lm_head"),
+    ],
+)
+def test_replay_names_why_it_cannot_run(overrides, reason):
+    cfg = load_config(None, ["grpo.num_generations=4", "train.prompts_per_step=2", "train.micro_batch_size=8",
+                             *overrides])  # fmt: skip
+    model = build_tiny_model(VOCAB)
+    if cfg.lora.enabled:
+        model = add_lora(model, cfg.lora, seed=0)
+    dtype = torch.bfloat16 if cfg.generation.dtype == "bfloat16" else torch.float32
+    copy = SamplingCopy(model, dtype, pack=cfg.generation.pack_weights)
+    problem = replay_problem(model, copy, cfg)
+    assert problem is None if reason is None else reason in problem
