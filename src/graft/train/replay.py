@@ -95,14 +95,23 @@ def _through(fn: Callable, x: torch.Tensor, backward: Callable) -> torch.Tensor:
     return dx
 
 
-def _completion_part(parts: list[torch.Tensor], rows: list[torch.Tensor], B: int) -> torch.Tensor:
-    """(B, T', C) from T' decode calls' (b_t, 1, C) tensors over rows `rows[t]`; zeros where a row had
-    stopped (those positions carry no loss, see replay_backward)."""
+def _gather(
+    prompt: torch.Tensor, parts: list[torch.Tensor], rows: list[torch.Tensor], B: int
+) -> torch.Tensor:
+    """(U P + B T', C): the prefill's (U, P, C) rows, then the T' decode calls' (b_t, 1, C) tensors laid out
+    as (B, T', C) over rows `rows[t]`, with zeros where a row had stopped (those positions carry no loss,
+    see replay_backward). One copy of each recorded tensor."""
+    C = prompt.shape[-1]
+    n = prompt.shape[0] * prompt.shape[1]
+    out = prompt.new_empty(n + B * len(parts), C)
+    out[:n] = prompt.reshape(n, C)
+    completion = out[n:].view(B, len(parts), C)
     if all(len(r) == B for r in rows):  # nobody stopped early: the rows are 0..B-1 in every call
-        return torch.cat(parts, dim=1)
-    out = parts[0].new_zeros(B, len(parts), parts[0].shape[-1])
-    for t, (part, r) in enumerate(zip(parts, rows, strict=True)):
-        out[r, t] = part[:, 0]
+        torch.cat(parts, dim=1, out=completion)
+    else:
+        completion.zero_()
+        for t, (part, r) in enumerate(zip(parts, rows, strict=True)):
+            completion[r, t] = part[:, 0]
     return out
 
 
@@ -111,9 +120,10 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tens
     return x * cos + torch.cat((-x[..., half:], x[..., :half]), dim=-1) * sin
 
 
-def _attention_masks(prompt_mask: torch.Tensor, keep: torch.Tensor, Tc: int):
-    """((U, 1, P, P) prompt, (B, 1, Tc, P + Tc) completion) boolean masks: causal over real tokens, as the
-    decoder's; every query also sees itself, so no softmax row is empty."""
+def _attention_masks(prompt_mask: torch.Tensor, keep: torch.Tensor, Tc: int, dtype: torch.dtype):
+    """((U, 1, P, P) prompt, (B, 1, Tc, P + Tc) completion) additive masks (0 or -inf; torch's CPU attention
+    is faster with these than with booleans): causal over real tokens, as the decoder's; every query also
+    sees itself, so no softmax row is empty."""
     P = prompt_mask.shape[1]
     eye_p = torch.eye(P, dtype=torch.bool)
     prompt = (torch.ones(P, P, dtype=torch.bool).tril() & prompt_mask.bool()[:, None, :]) | eye_p
@@ -121,7 +131,10 @@ def _attention_masks(prompt_mask: torch.Tensor, keep: torch.Tensor, Tc: int):
     causal = torch.ones(Tc, L, dtype=torch.bool).tril(P)
     diagonal = torch.arange(L) == torch.arange(Tc)[:, None] + P
     completion = (causal & keep.bool()[:, None, :]) | diagonal
-    return prompt[:, None], completion[:, None]
+    return tuple(
+        torch.zeros(m.shape, dtype=dtype).masked_fill_(~m, float("-inf"))[:, None]
+        for m in (prompt, completion)
+    )
 
 
 # --------------------------------------------------------------------------------------------- backward
@@ -148,13 +161,12 @@ class _Replay:
         rotary = model.model.rotary_emb
         self.rope_p = [t[:, None] for t in rotary(anchor, positions[:: self.G, : self.P])]  # (U, 1, P, D)
         self.rope_c = [t[:, None] for t in rotary(anchor, positions[:, self.P : self.P + self.Tc])]
-        self.mask_p, self.mask_c = _attention_masks(prompt_mask, mask[:, : self.P + self.Tc], self.Tc)
+        self.mask_p, self.mask_c = _attention_masks(
+            prompt_mask, mask[:, : self.P + self.Tc], self.Tc, anchor.dtype
+        )
 
-    def completion(self, per_call: list[torch.Tensor]) -> torch.Tensor:
-        return _completion_part(per_call, self.rec.rows[1:], self.B)
-
-    def flat(self, prompt: torch.Tensor, completion: torch.Tensor) -> torch.Tensor:  # (U P + B Tc, C)
-        return torch.cat([prompt.reshape(-1, prompt.shape[-1]), completion.reshape(-1, completion.shape[-1])])
+    def gather(self, prompt: torch.Tensor, per_call: list[torch.Tensor]) -> torch.Tensor:  # (U P + B Tc, C)
+        return _gather(prompt, per_call, self.rec.rows[1:], self.B)
 
     def split(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         n = self.U * self.P
@@ -177,36 +189,32 @@ class _Replay:
         out_c = F.scaled_dot_product_attention(qc, keys, values, attn_mask=self.mask_c, enable_gqa=True)
         return out_p.transpose(1, 2).flatten(2), out_c.transpose(1, 2).flatten(2)
 
-    def attention_backward(
-        self, trace_p: LayerTrace, trace_c: LayerTrace, d_out: torch.Tensor
-    ) -> torch.Tensor:
-        d_p, d_c = self.split(d_out)
+    def attention_backward(self, qkv: torch.Tensor, d_out: torch.Tensor) -> torch.Tensor:
+        """(N, (H + 2 H_kv) D) gradient of the projected q/k/v from the (N, H D) one of the attention output."""
         with torch.enable_grad():
-            leaves = trace_p.qkv.detach().requires_grad_(), trace_c.qkv.detach().requires_grad_()
+            leaves = [part.detach().requires_grad_() for part in self.split(qkv)]
             outs = self.attention(*leaves)
-            grads = torch.autograd.grad(outs, leaves, (d_p, d_c))
-        return self.flat(*grads)
+            grads = torch.autograd.grad(outs, leaves, self.split(d_out))
+        return torch.cat([g.flatten(0, 1) for g in grads])
 
     def layer_backward(self, i: int, dy: torch.Tensor) -> torch.Tensor:
         """The gradient into layer i's input from the gradient of its output, both (N, d); adds the
         layer's LoRA gradients on the way."""
         layer = self.model.model.layers[i]
         attn, mlp = layer.self_attn, layer.mlp
-        trace_p = self.rec.layers[0][i]
-        trace_c = LayerTrace(
-            *(self.completion([call[i][f] for call in self.rec.layers[1:]]) for f in range(6))
+        calls = self.rec.layers
+        fields = range(len(LayerTrace._fields))
+        x, qkv, attention, mid, gate, up = (
+            self.gather(calls[0][i][f], [c[i][f] for c in calls[1:]]) for f in fields
         )
-        for call in self.rec.layers:  # free the per-call tensors as soon as they are gathered
+        for call in calls:  # the per-call tensors go as soon as they are gathered
             call[i] = None
         # MLP: out = mid + down(silu(gate) * up)
-        gate, up = self.flat(trace_p.gate, trace_c.gate), self.flat(trace_p.up, trace_c.up)
-        sig = torch.sigmoid(gate)
-        silu = gate * sig
+        silu = F.silu(gate)
         d_hidden = linear_backward(mlp.down_proj, silu * up, dy)
         d_up = d_hidden * silu
-        d_gate = d_hidden.mul_(up).mul_(sig.mul_(gate * (1 - sig) + 1))  # silu' = sig (1 + gate (1 - sig))
-        del gate, up, sig, silu
-        mid = self.flat(trace_p.mid, trace_c.mid)
+        d_gate = torch.ops.aten.silu_backward(d_hidden.mul_(up), gate)
+        del silu, gate, up
         d_mid = dy + _through(
             layer.post_attention_layernorm,
             mid,
@@ -214,8 +222,8 @@ class _Replay:
         )
         del mid
         # attention: mid = x + o(attention(rope(q), rope(k), v)), q/k/v = projections of norm(x)
-        d_attention = linear_backward(attn.o_proj, self.flat(trace_p.attention, trace_c.attention), d_mid)
-        d_qkv = self.attention_backward(trace_p, trace_c, d_attention)
+        d_qkv = self.attention_backward(qkv, linear_backward(attn.o_proj, attention, d_mid))
+        del qkv, attention
         q_end, k_end = self.H * self.D, (self.H + self.Hkv) * self.D
 
         def qkv_backward(h: torch.Tensor) -> torch.Tensor:
@@ -223,7 +231,7 @@ class _Replay:
             dx.add_(linear_backward(attn.k_proj, h, d_qkv[:, q_end:k_end]))
             return dx.add_(linear_backward(attn.v_proj, h, d_qkv[:, k_end:]))
 
-        return d_mid.add_(_through(layer.input_layernorm, self.flat(trace_p.x, trace_c.x), qkv_backward))
+        return d_mid.add_(_through(layer.input_layernorm, x, qkv_backward))
 
 
 @torch.no_grad()
@@ -241,8 +249,9 @@ def replay_backward(
     # the LM head and the loss: hidden states predicting completion token t are the prompt's last
     # position for t = 0 and decode call t's output for t > 0
     with torch.enable_grad():
-        final_p = rec.final[0][:, -1:].detach().requires_grad_()  # (U, 1, d)
-        final_c = replay.completion(rec.final[1:]).requires_grad_()  # (B, Tc, d)
+        final = replay.gather(rec.final[0][:, -1:], rec.final[1:])  # (U + B Tc, d)
+        final_p = final[: replay.U].view(replay.U, 1, -1).requires_grad_()
+        final_c = final[replay.U :].view(replay.B, replay.Tc, -1).requires_grad_()
         hidden = model.model.norm(torch.cat([final_p.repeat_interleave(replay.G, dim=0), final_c], dim=1))
         head = model.get_output_embeddings().weight
         logprobs = algo.linear_token_logprobs(hidden, head, r.completion_ids, temperature, chunk_rows=1024)
@@ -251,7 +260,7 @@ def replay_backward(
     rec.final.clear()
     d_prompt = d_final_p.new_zeros(replay.U, replay.P, d_final_p.shape[-1])
     d_prompt[:, -1:] = d_final_p
-    dy = replay.flat(d_prompt, d_final_c)  # (N, d) gradient of the last layer's output
+    dy = torch.cat([d_prompt.flatten(0, 1), d_final_c.flatten(0, 1)])  # (N, d) the last layer's output
     for i in reversed(range(len(model.model.layers))):
         dy = replay.layer_backward(i, dy)
     rec.layers.clear()
