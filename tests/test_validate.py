@@ -103,10 +103,16 @@ def test_graft_validate_command(tmp_path, capsys):
 def test_decoder_copy_counts_only_what_outlives_the_rollout(tmp_path):
     """On a CPU the packed sampling copy of a Llama-family model drops its LoRA-adapted layers after each
     rollout, so the estimate counts the head and what no adapter touches, not a second model."""
-    packed = check_run(load_config(RECIPE, [f"logging.output_dir={tmp_path}"]))[1].parts
-    full_ft = check_run(load_config(RECIPE, [f"logging.output_dir={tmp_path}", "lora.enabled=false"]))[
-        1
-    ].parts
+
+    def parts(*overrides):
+        return check_run(load_config(RECIPE, [f"logging.output_dir={tmp_path}", *overrides]))[1].parts
+
+    packed, full_ft = parts("train.replay=false"), parts("lora.enabled=false")
     # SmolLM2-135M: 135M parameters, 28M of them the tied embedding/head; float32
     assert 28e6 * 4 <= packed["sampling copy"] < 0.5 * packed["weights"]
     assert full_ft["sampling copy"] <= packed["sampling copy"]  # full FT rebuilds every layer
+    # train.replay (the recipe's default): the rollout records while the adapted layers are in use, so
+    # they count in full, next to a recording smaller than the two-pass activations
+    replayed = parts()
+    assert replayed["sampling copy"] > packed["sampling copy"]
+    assert replayed["activations"] < packed["activations"]

@@ -105,20 +105,29 @@ def estimate_memory(
         if cfg.grpo.beta > 0:
             parts["reference copy"] = n_params * dtype_bytes
     parts["rollout KV + logits"] = batch * (tokens * layers * 2 * kv_dim * dtype_bytes + vocab * 16)
+    # a group's completions share one encoding of their prompt (rollout and training pass alike)
+    groups = min(micro, -(-micro // cfg.grpo.num_generations) + (micro % cfg.grpo.num_generations > 0))
+    micro_tokens = micro * cfg.generation.max_new_tokens + groups * prompt
     # activations kept for backward per token and layer: attention and MLP inputs (~6 hidden + 3 ffn)
-    parts["activations"] = micro * tokens * layers * (6 * hidden + 3 * ffn) * max(dtype_bytes, 2)
+    parts["activations"] = micro_tokens * layers * (6 * hidden + 3 * ffn) * max(dtype_bytes, 2)
+    own_decoder = gen.pack_weights and device.type == "cpu" and config_problem(config) is None
+    g = cfg.grpo
+    replays = (cfg.train.replay and cfg.lora.enabled and own_decoder and micro == batch and not other_dtype
+               and g.num_iterations == 1 and g.num_minibatches == 1 and cfg.train.autocast == "none")  # fmt: skip
+    if replays:  # graft.train.replay: the rollout records each layer's product inputs for the whole batch
+        parts["activations"] = micro_tokens * layers * (5 * hidden + 2 * kv_dim + 2 * ffn) * dtype_bytes
     if sampling_copy:
         sampling_dtype = cfg.model.dtype if cfg.generation.dtype == "auto" else cfg.generation.dtype
         copy_bytes = torch.finfo(resolve_dtype(sampling_dtype, device)).bits // 8
         parts["sampling copy"] = n_params * copy_bytes
-        if gen.pack_weights and device.type == "cpu" and config_problem(config) is None:
+        if own_decoder:
             # graft's decoder drops the layers each refresh rebuilds (the adapted ones) after the rollout,
             # so they share memory with the training pass's activations: count them only past those
+            # (not when replaying: the recording is made while those layers are in use)
             rebuilt = sum(i * o for i, o in chosen) if cfg.lora.enabled else linear_params
             kept = n_params - rebuilt  # the LM head, embeddings, norms and layers no adapter touches
-            parts["sampling copy"] = (
-                kept * copy_bytes + max(0, rebuilt * copy_bytes - parts["activations"])
-            )  # fmt: skip
+            shared = 0 if replays else parts["activations"]
+            parts["sampling copy"] = kept * copy_bytes + max(0, rebuilt * copy_bytes - shared)
     parts["log-prob chunks"] = 512 * vocab * 4 * 3
     if device.type == "cpu":
         parts["runtime"] = 600 * 1024**2  # Python, torch, tokenizer
