@@ -218,7 +218,8 @@ class TrainConfig(_Section):
     replay: bool = Field(
         True,
         description="at mu = 1, backpropagate through the activations the rollout computed instead of a "
-        "second forward (LoRA, float32, graft's CPU decoder, micro_batch_size >= batch; else two passes)",
+        "second forward (LoRA, graft's CPU decoder, micro_batch_size >= batch, float32 or bf16 sampling with "
+        "bf16 autocast; else two passes)",
     )
     deterministic: bool = Field(
         False, description="deterministic kernels: a resumed run repeats a straight one bit for bit"

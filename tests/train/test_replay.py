@@ -28,8 +28,10 @@ def adapted(model):
     return model
 
 
-def recorded_rollout(model, temperature: float, group_size: int = 4, max_new_tokens: int = 9):
-    copy = SamplingCopy(model, torch.float32, pack=True)
+def recorded_rollout(
+    model, temperature: float, group_size: int = 4, max_new_tokens: int = 9, dtype=torch.float32
+):
+    copy = SamplingCopy(model, dtype, pack=True)
     recording = Recording()
     with copy.sampling(model) as decoder:
         decoder.recording = recording
@@ -77,6 +79,37 @@ def test_replayed_backward_gives_the_two_pass_loss_and_gradients(arch, temperatu
     assert not recording.layers and not recording.final  # consumed, its memory freed
 
 
+def test_mixed_precision_replay_is_close_to_the_float32_gradient():
+    """bfloat16 sampling copy + bfloat16 autocast (graft-bf16): the replay backpropagates through the bf16
+    sampler's forward, an approximation like autocast's, held to the same bar as the autocast training pass
+    (tests/train/test_fast_paths.py): gradients pointing the same way as float32's."""
+    model = add_lora(build_tiny_model(VOCAB), LoraConfig(r=4), seed=0)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.05, generator=torch.Generator().manual_seed(len(name)))
+    r, recording = recorded_rollout(model, 1.0, dtype=torch.bfloat16)
+    advantages = torch.linspace(-1.5, 1.0, r.completion_ids.shape[0])
+
+    def loss_fn(logprobs):
+        return algo.policy_loss(logprobs, logprobs.detach(), advantages, r.completion_mask, loss_type="dapo",
+                                num_sequences=len(advantages), num_tokens=int(r.completion_mask.sum()),
+                                max_completion_length=9)  # fmt: skip
+
+    model.train()
+    args = (r.prompt_ids, r.prompt_mask, r.completion_ids, r.completion_mask, 1.0)
+    expected = loss_fn(completion_logprobs(model, *args))
+    expected.loss.backward()
+    want = torch.cat([g.flatten() for g in lora_grads(model).values()])
+    model.zero_grad(set_to_none=True)
+    out = replay_backward(model, recording, r, 1.0, loss_fn)
+    got = torch.cat([g.flatten() for g in lora_grads(model).values()])
+    assert all(p.grad.dtype == torch.float32 for p in model.parameters() if p.requires_grad)
+    assert out.loss.item() == pytest.approx(expected.loss.item(), rel=0.05, abs=1e-3)
+    assert torch.nn.functional.cosine_similarity(got, want, dim=0) > 0.95
+    assert got.norm() == pytest.approx(want.norm().item(), rel=0.1)
+
+
 def test_a_rollout_without_recording_matches_one_with():
     """Recording unfuses the gate's SiLU: samples and log-probs must not change."""
     model = adapted(build_tiny_model(VOCAB))
@@ -96,8 +129,9 @@ def test_a_rollout_without_recording_matches_one_with():
         (["grpo.num_iterations=2"], "outlives an update"),
         (["grpo.num_minibatches=2"], "outlives an update"),
         (["train.micro_batch_size=4"], "micro_batch_size (4) is below the batch (8)"),
-        (["generation.dtype=bfloat16"], "mixed precision"),
-        (["train.autocast=bfloat16"], "mixed precision"),
+        (["generation.dtype=bfloat16", "train.autocast=bfloat16"], None),  # mixed precision, both sides
+        (["generation.dtype=bfloat16"], "float32 throughout or bfloat16 sampling with bfloat16 autocast"),
+        (["train.autocast=bfloat16"], "float32 throughout or bfloat16 sampling with bfloat16 autocast"),
         (["generation.pack_weights=false"], "graft's own decoder"),
         (["lora.dropout=0.1"], "dropout"),
         (["lora.enabled=false"], "full fine-tuning"),

@@ -39,8 +39,15 @@ def replay_problem(policy, sampling_copy, cfg) -> str | None:
         return f"train.micro_batch_size ({t.micro_batch_size}) is below the batch ({batch}): the recording holds it all"
     if sampling_copy is None or not isinstance(sampling_copy.model, Decoder):
         return "the rollout does not run graft's own decoder (CPU, generation.pack_weights, a Llama-shaped model)"
-    if sampling_copy.dtype != torch.float32 or policy.dtype != torch.float32 or t.autocast != "none":
-        return "mixed precision (the replay runs in float32 only)"
+    precisions = (policy.dtype, sampling_copy.dtype, t.autocast)
+    if precisions not in (
+        (torch.float32, torch.float32, "none"),
+        (torch.float32, torch.bfloat16, "bfloat16"),
+    ):
+        return (
+            f"weights {policy.dtype}, sampling {sampling_copy.dtype}, train.autocast={t.autocast}: the replay "
+            "needs float32 throughout or bfloat16 sampling with bfloat16 autocast"
+        )
     if not isinstance(policy, PeftModel):
         return "full fine-tuning (the replay trains LoRA factors)"
     allowed = set()
@@ -67,22 +74,29 @@ def replay_problem(policy, sampling_copy, cfg) -> str | None:
 
 def _accumulate(param: torch.Tensor, grad: torch.Tensor) -> None:
     if param.requires_grad:
+        grad = grad.to(param.dtype)
         param.grad = grad if param.grad is None else param.grad.add_(grad)
 
 
-def linear_backward(module, x: torch.Tensor, dy: torch.Tensor) -> torch.Tensor:
+def linear_backward(
+    module, x: torch.Tensor, dy: torch.Tensor, dtype: torch.dtype | None = None
+) -> torch.Tensor:
     """dx for y = x W^T + s (x A^T) B^T, from x (N, in) and dy (N, out); adds s B^T-side and A-side
-    gradients to the active LoRA factors' .grad. A plain nn.Linear gives dy @ W."""
+    gradients to the active LoRA factors' .grad. A plain nn.Linear gives dy @ W. The products run in
+    `dtype` (x's by default; bfloat16 for a mixed-precision replay, as autocast would run them)."""
+    dtype = dtype or x.dtype
+    x, dy = x.to(dtype), dy.to(dtype)
     base = module.get_base_layer() if hasattr(module, "get_base_layer") else module
-    dx = dy @ base.weight.detach()  # (N, in)
+    dx = dy @ base.weight.detach().to(dtype)  # (N, in)
     for name in getattr(module, "active_adapters", ()):
         if name not in getattr(module, "lora_A", {}):
             continue
         A, B, s = module.lora_A[name].weight, module.lora_B[name].weight, module.scaling[name]
-        dy_b = dy @ B.detach()  # (N, r)
-        _accumulate(B, (dy.T @ (x @ A.detach().T)).mul_(s))  # (out, r)
+        a, b = A.detach().to(dtype), B.detach().to(dtype)
+        dy_b = dy @ b  # (N, r)
+        _accumulate(B, (dy.T @ (x @ a.T)).mul_(s))  # (out, r)
         _accumulate(A, (dy_b.T @ x).mul_(s))  # (r, in)
-        dx.addmm_(dy_b, A.detach(), alpha=s)
+        dx.addmm_(dy_b, a, alpha=s)
     return dx
 
 
@@ -91,7 +105,7 @@ def _through(fn: Callable, x: torch.Tensor, backward: Callable) -> torch.Tensor:
     with torch.enable_grad():
         leaf = x.detach().requires_grad_()
         y = fn(leaf)
-        (dx,) = torch.autograd.grad(y, leaf, backward(y.detach()))
+        (dx,) = torch.autograd.grad(y, leaf, backward(y.detach()).to(y.dtype))
     return dx
 
 
@@ -158,6 +172,7 @@ class _Replay:
         positions = position_ids_from_mask(mask)
         prompt_mask = r.prompt_mask[:: self.G]  # (U, P) a group's rows share their prompt
         anchor = rec.final[0]
+        self.dtype = anchor.dtype  # the recording's: float32, or bfloat16 for a mixed-precision run
         rotary = model.model.rotary_emb
         self.rope_p = [t[:, None] for t in rotary(anchor, positions[:: self.G, : self.P])]  # (U, 1, P, D)
         self.rope_c = [t[:, None] for t in rotary(anchor, positions[:, self.P : self.P + self.Tc])]
@@ -167,6 +182,9 @@ class _Replay:
 
     def gather(self, prompt: torch.Tensor, per_call: list[torch.Tensor]) -> torch.Tensor:  # (U P + B Tc, C)
         return _gather(prompt, per_call, self.rec.rows[1:], self.B)
+
+    def linear(self, module, x: torch.Tensor, dy: torch.Tensor) -> torch.Tensor:
+        return linear_backward(module, x, dy, self.dtype)
 
     def split(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         n = self.U * self.P
@@ -211,25 +229,25 @@ class _Replay:
             call[i] = None
         # MLP: out = mid + down(silu(gate) * up)
         silu = F.silu(gate)
-        d_hidden = linear_backward(mlp.down_proj, silu * up, dy)
+        d_hidden = self.linear(mlp.down_proj, silu * up, dy)
         d_up = d_hidden * silu
         d_gate = torch.ops.aten.silu_backward(d_hidden.mul_(up), gate)
         del silu, gate, up
         d_mid = dy + _through(
             layer.post_attention_layernorm,
             mid,
-            lambda h: linear_backward(mlp.gate_proj, h, d_gate).add_(linear_backward(mlp.up_proj, h, d_up)),
+            lambda h: self.linear(mlp.gate_proj, h, d_gate).add_(self.linear(mlp.up_proj, h, d_up)),
         )
         del mid
         # attention: mid = x + o(attention(rope(q), rope(k), v)), q/k/v = projections of norm(x)
-        d_qkv = self.attention_backward(qkv, linear_backward(attn.o_proj, attention, d_mid))
+        d_qkv = self.attention_backward(qkv, self.linear(attn.o_proj, attention, d_mid))
         del qkv, attention
         q_end, k_end = self.H * self.D, (self.H + self.Hkv) * self.D
 
         def qkv_backward(h: torch.Tensor) -> torch.Tensor:
-            dx = linear_backward(attn.q_proj, h, d_qkv[:, :q_end])
-            dx.add_(linear_backward(attn.k_proj, h, d_qkv[:, q_end:k_end]))
-            return dx.add_(linear_backward(attn.v_proj, h, d_qkv[:, k_end:]))
+            dx = self.linear(attn.q_proj, h, d_qkv[:, :q_end])
+            dx.add_(self.linear(attn.k_proj, h, d_qkv[:, q_end:k_end]))
+            return dx.add_(self.linear(attn.v_proj, h, d_qkv[:, k_end:]))
 
         return d_mid.add_(_through(layer.input_layernorm, x, qkv_backward))
 
@@ -248,7 +266,8 @@ def replay_backward(
     replay = _Replay(model, rec, r)
     # the LM head and the loss: hidden states predicting completion token t are the prompt's last
     # position for t = 0 and decode call t's output for t > 0
-    with torch.enable_grad():
+    mixed = torch.autocast("cpu", dtype=replay.dtype, enabled=replay.dtype != torch.float32)
+    with torch.enable_grad(), mixed:  # the LM head's products as the two-pass update runs them
         final = replay.gather(rec.final[0][:, -1:], rec.final[1:])  # (U + B Tc, d)
         final_p = final[: replay.U].view(replay.U, 1, -1).requires_grad_()
         final_c = final[replay.U :].view(replay.B, replay.Tc, -1).requires_grad_()
@@ -260,7 +279,8 @@ def replay_backward(
     rec.final.clear()
     d_prompt = d_final_p.new_zeros(replay.U, replay.P, d_final_p.shape[-1])
     d_prompt[:, -1:] = d_final_p
-    dy = torch.cat([d_prompt.flatten(0, 1), d_final_c.flatten(0, 1)])  # (N, d) the last layer's output
+    # (N, d) the last layer's output; float32 along the residual stream, as under autocast
+    dy = torch.cat([d_prompt.flatten(0, 1), d_final_c.flatten(0, 1)]).float()
     for i in reversed(range(len(model.model.layers))):
         dy = replay.layer_backward(i, dy)
     rec.layers.clear()
