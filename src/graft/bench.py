@@ -82,6 +82,7 @@ def worker_graft(args: argparse.Namespace) -> dict:
         "completion_tokens": [
             r["completion_length/mean"] * args.num_generations * args.prompts_per_step for r in steps
         ],
+        "replayed": [r["replayed"] for r in steps],  # train.replay: no training forward
         "peak_rss_mb": peak_rss_mb(),
     }
 
@@ -196,9 +197,10 @@ def matmul_peak_gflops(seconds: float = 3.0, n: int = 2048) -> float:
     return best
 
 
-def step_gflop(args: argparse.Namespace, prompt_len: int) -> float:
-    """Useful work of one step: sampling forward passes + training forward + backward to the activations
-    (LoRA needs no base-weight gradients, so backward costs about one forward). Matmuls only."""
+def step_gflop(args: argparse.Namespace, prompt_len: int, replayed: bool = False) -> float:
+    """Work of one step: sampling forward passes + training forward + backward to the activations (LoRA
+    needs no base-weight gradients, so backward costs about one forward). Matmuls only. `replayed`
+    (graft's train.replay): no training forward through the layers, only through the LM head."""
     from transformers import AutoConfig
 
     from graft.config import ModelConfig
@@ -211,8 +213,11 @@ def step_gflop(args: argparse.Namespace, prompt_len: int) -> float:
     groups, completions = args.prompts_per_step, args.prompts_per_step * args.num_generations
     new = completions * args.max_new_tokens
     sampling = groups * prompt_len * per_token + completions * head + new * (per_token + head)
-    training_forward = groups * prompt_len * per_token + new * (per_token + head)
-    return (sampling + 2 * training_forward) / 1e9
+    layers_forward = groups * prompt_len * per_token + new * per_token
+    head_forward = new * head
+    if replayed:  # the layers' backward; the head's forward and its gradient's product
+        return (sampling + layers_forward + 2 * head_forward) / 1e9
+    return (sampling + 2 * (layers_forward + head_forward)) / 1e9
 
 
 # ------------------------------------------------------------------------------------------- driver
@@ -340,6 +345,16 @@ def main(argv: list[str] | None = None) -> int:
         f"step work ~{gflop:.0f} GFLOP (matmuls, prompt {prompt_len:.0f} tokens); measured fp32 matmul peak "
         f"{peak:.0f} GFLOP/s"
     )
+    replayed_gflop = step_gflop(args, round(prompt_len), replayed=True)
+    for framework, rs in raw.items():
+        replays = [x for r in rs for x in r.get("replayed", [])]
+        if replays and all(replays):
+            s = summary[framework]
+            s["executed_fraction_of_peak"] = replayed_gflop / s["step_s"] / peak
+            console.print(
+                f"{framework} replays the rollout's forward in its update (train.replay): it executes "
+                f"~{replayed_gflop:.0f} GFLOP of those, {s['executed_fraction_of_peak']:.1%} of the peak"
+            )
     if "graft" in summary and "trl" in summary:
         ratio = summary["graft"]["tokens_per_s"] / summary["trl"]["tokens_per_s"]
         rss = summary["graft"]["peak_rss_mb"] / summary["trl"]["peak_rss_mb"]
