@@ -201,7 +201,10 @@ class TrainConfig(_Section):
         2, ge=1, description="prompts per GRPO step; the batch is this x G completions"
     )
     micro_batch_size: int = Field(
-        8, ge=1, description="completions per forward/backward (gradient accumulation)"
+        16,
+        ge=1,
+        description="completions per forward/backward (gradient accumulation); at least the batch lets the "
+        "update replay the rollout's forward (train.replay)",
     )
     learning_rate: float = Field(2e-4, gt=0, description="peak learning rate")
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay")
