@@ -109,26 +109,6 @@ def _through(fn: Callable, x: torch.Tensor, backward: Callable) -> torch.Tensor:
     return dx
 
 
-def _gather(
-    prompt: torch.Tensor, parts: list[torch.Tensor], rows: list[torch.Tensor], B: int
-) -> torch.Tensor:
-    """(U P + B T', C): the prefill's (U, P, C) rows, then the T' decode calls' (b_t, 1, C) tensors laid out
-    as (B, T', C) over rows `rows[t]`, with zeros where a row had stopped (those positions carry no loss,
-    see replay_backward). One copy of each recorded tensor."""
-    C = prompt.shape[-1]
-    n = prompt.shape[0] * prompt.shape[1]
-    out = prompt.new_empty(n + B * len(parts), C)
-    out[:n] = prompt.reshape(n, C)
-    completion = out[n:].view(B, len(parts), C)
-    if all(len(r) == B for r in rows):  # nobody stopped early: the rows are 0..B-1 in every call
-        torch.cat(parts, dim=1, out=completion)
-    else:
-        completion.zero_()
-        for t, (part, r) in enumerate(zip(parts, rows, strict=True)):
-            completion[r, t] = part[:, 0]
-    return out
-
-
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     half = x.shape[-1] // 2
     return x * cos + torch.cat((-x[..., half:], x[..., :half]), dim=-1) * sin
@@ -155,7 +135,13 @@ def _attention_masks(prompt_mask: torch.Tensor, keep: torch.Tensor, Tc: int, dty
 
 
 class _Replay:
-    """The state of one replayed backward: shapes, rotary tables and masks shared by every layer."""
+    """The state of one replayed backward: shapes, rotary tables and masks shared by every layer.
+
+    Token-wise tensors are (N, C) with N = U P + n: the U prompts' P positions, then the n completion
+    positions the decode calls ran, in call order (call t holds the rows still running at input token t).
+    So a completion that stopped early costs nothing past its end, and the products only see real rows;
+    attention alone needs the (B, Tc) grid, rebuilt from `cells`.
+    """
 
     def __init__(self, model, rec: Recording, r: Rollout):
         cfg = model.config
@@ -165,6 +151,12 @@ class _Replay:
         self.Tc = T - 1  # decode calls: the last token is sampled, never fed back
         if len(rec.layers) != T or T < 2:
             raise RuntimeError(f"the recording has {len(rec.layers)} forward calls for {T} completion tokens")
+        calls = rec.rows[1:]
+        self.row = torch.cat(calls)  # (n,) completion row of each recorded position
+        self.step = torch.cat(
+            [torch.full((len(rows),), t) for t, rows in enumerate(calls)]
+        )  # (n,) its input token
+        self.cells = self.row * self.Tc + self.step  # (n,) its place in the (B, Tc) grid
         self.H = cfg.num_attention_heads
         self.Hkv = getattr(cfg, "num_key_value_heads", None) or self.H
         self.D = getattr(cfg, "head_dim", None) or cfg.hidden_size // self.H
@@ -180,15 +172,21 @@ class _Replay:
             prompt_mask, mask[:, : self.P + self.Tc], self.Tc, anchor.dtype
         )
 
-    def gather(self, prompt: torch.Tensor, per_call: list[torch.Tensor]) -> torch.Tensor:  # (U P + B Tc, C)
-        return _gather(prompt, per_call, self.rec.rows[1:], self.B)
+    def gather(self, prompt: torch.Tensor, per_call: list[torch.Tensor]) -> torch.Tensor:  # (U P + n, C)
+        C = prompt.shape[-1]
+        return torch.cat([prompt.reshape(-1, C), *(part.reshape(-1, C) for part in per_call)])
 
     def linear(self, module, x: torch.Tensor, dy: torch.Tensor) -> torch.Tensor:
         return linear_backward(module, x, dy, self.dtype)
 
-    def split(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def split(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:  # (U, P, C), (n, C)
         n = self.U * self.P
-        return x[:n].view(self.U, self.P, -1), x[n:].view(self.B, self.Tc, -1)
+        return x[:n].view(self.U, self.P, -1), x[n:]
+
+    def grid(self, packed: torch.Tensor) -> torch.Tensor:
+        """(n, C) completion positions -> (B, Tc, C), zeros where a row had stopped (differentiable)."""
+        grid = packed.new_zeros(self.B * self.Tc, packed.shape[-1]).index_put((self.cells,), packed)
+        return grid.view(self.B, self.Tc, -1)
 
     def _heads(self, qkv: torch.Tensor, rope) -> tuple[torch.Tensor, ...]:
         n, T, _ = qkv.shape
@@ -198,14 +196,18 @@ class _Replay:
         return qk[:, :H], qk[:, H:], heads[:, H + Hkv :]
 
     def attention(self, qkv_p: torch.Tensor, qkv_c: torch.Tensor):
-        """(U, P, H D), (B, Tc, H D) attention outputs from the projected q/k/v, differentiably."""
+        """(U, P, H D), (n, H D) attention outputs from the projected q/k/v, (U, P, E) and (n, E),
+        differentiably. Positions past a completion's end are zeros and only attend to themselves'
+        kind: no real query sees them (causal, and the mask drops what follows a stop token)."""
         qp, kp, vp = self._heads(qkv_p, self.rope_p)
-        qc, kc, vc = self._heads(qkv_c, self.rope_c)
+        qc, kc, vc = self._heads(self.grid(qkv_c), self.rope_c)
         out_p = F.scaled_dot_product_attention(qp, kp, vp, attn_mask=self.mask_p, enable_gqa=True)
         keys = torch.cat([kp.repeat_interleave(self.G, dim=0), kc], dim=2)  # (B, Hkv, P + Tc, D)
         values = torch.cat([vp.repeat_interleave(self.G, dim=0), vc], dim=2)
         out_c = F.scaled_dot_product_attention(qc, keys, values, attn_mask=self.mask_c, enable_gqa=True)
-        return out_p.transpose(1, 2).flatten(2), out_c.transpose(1, 2).flatten(2)
+        return out_p.transpose(1, 2).flatten(2), out_c.transpose(1, 2).reshape(self.B * self.Tc, -1)[
+            self.cells
+        ]
 
     def attention_backward(self, qkv: torch.Tensor, d_out: torch.Tensor) -> torch.Tensor:
         """(N, (H + 2 H_kv) D) gradient of the projected q/k/v from the (N, H D) one of the attention output."""
@@ -213,7 +215,7 @@ class _Replay:
             leaves = [part.detach().requires_grad_() for part in self.split(qkv)]
             outs = self.attention(*leaves)
             grads = torch.autograd.grad(outs, leaves, self.split(d_out))
-        return torch.cat([g.flatten(0, 1) for g in grads])
+        return torch.cat([grads[0].flatten(0, 1), grads[1]])
 
     def layer_backward(self, i: int, dy: torch.Tensor) -> torch.Tensor:
         """The gradient into layer i's input from the gradient of its output, both (N, d); adds the
@@ -265,22 +267,30 @@ def replay_backward(
     model = policy.get_base_model()
     replay = _Replay(model, rec, r)
     # the LM head and the loss: hidden states predicting completion token t are the prompt's last
-    # position for t = 0 and decode call t's output for t > 0
+    # position for t = 0 and the output of the decode call fed token t - 1 for t > 0
     mixed = torch.autocast("cpu", dtype=replay.dtype, enabled=replay.dtype != torch.float32)
     with torch.enable_grad(), mixed:  # the LM head's products as the two-pass update runs them
-        final = replay.gather(rec.final[0][:, -1:], rec.final[1:])  # (U + B Tc, d)
-        final_p = final[: replay.U].view(replay.U, 1, -1).requires_grad_()
-        final_c = final[replay.U :].view(replay.B, replay.Tc, -1).requires_grad_()
-        hidden = model.model.norm(torch.cat([final_p.repeat_interleave(replay.G, dim=0), final_c], dim=1))
+        final = replay.gather(rec.final[0][:, -1:], rec.final[1:]).requires_grad_()  # (U + n, d)
+        hidden = model.model.norm(
+            torch.cat([final[: replay.U].repeat_interleave(replay.G, dim=0), final[replay.U :]])
+        )
+        rows = torch.cat(
+            [torch.arange(replay.B), replay.row]
+        )  # (B + n,) the token each hidden state predicts
+        steps = torch.cat([torch.zeros(replay.B, dtype=torch.long), replay.step + 1])
         head = model.get_output_embeddings().weight
-        logprobs = algo.linear_token_logprobs(hidden, head, r.completion_ids, temperature, chunk_rows=1024)
+        predicted = algo.linear_token_logprobs(
+            hidden[None], head, r.completion_ids[rows, steps][None], temperature, chunk_rows=1024
+        )[0]
+        # (B, T) for the loss; zeros past each completion's end, where its mask is zero
+        logprobs = predicted.new_zeros(r.completion_ids.shape).index_put((rows, steps), predicted)
         out = loss_fn(logprobs)
-        d_final_p, d_final_c = torch.autograd.grad(out.loss, (final_p, final_c))
+        (d_final,) = torch.autograd.grad(out.loss, final)
     rec.final.clear()
-    d_prompt = d_final_p.new_zeros(replay.U, replay.P, d_final_p.shape[-1])
-    d_prompt[:, -1:] = d_final_p
+    d_prompt = d_final.new_zeros(replay.U, replay.P, d_final.shape[-1])
+    d_prompt[:, -1] = d_final[: replay.U]
     # (N, d) the last layer's output; float32 along the residual stream, as under autocast
-    dy = torch.cat([d_prompt.flatten(0, 1), d_final_c.flatten(0, 1)]).float()
+    dy = torch.cat([d_prompt.flatten(0, 1), d_final[replay.U :]]).float()
     for i in reversed(range(len(model.model.layers))):
         dy = replay.layer_backward(i, dy)
     rec.layers.clear()
