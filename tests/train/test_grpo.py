@@ -105,7 +105,11 @@ def test_train_fills_the_run_directory(tiny_model_dir, tmp_path):
         ["train.autocast=bfloat16", "lora.enabled=false"],
         ["train.micro_batch_size=8"],  # the whole batch in one pass: the update replays the rollout's forward
         ["train.micro_batch_size=8", "grpo.beta=0.1", "grpo.loss_type=grpo"],  # replayed, with a KL term
-        ["train.micro_batch_size=8", "generation.dtype=bfloat16", "train.autocast=bfloat16"],  # replayed in bf16
+        [
+            "train.micro_batch_size=8",
+            "generation.dtype=bfloat16",
+            "train.autocast=bfloat16",
+        ],  # replayed in bf16
         ["train.micro_batch_size=8", "grpo.beta=0.1", "generation.max_new_tokens=1"],  # no decode step
     ],
 )
@@ -116,7 +120,9 @@ def test_algorithm_variants_train(tiny_model_dir, tmp_path, overrides):
     for m in steps:
         assert isinstance(m["loss"], float) and isinstance(m["grad_norm"], float)
         # train.micro_batch_size=8 is the whole batch: the update replays the rollout whenever it can
-        replayable = "train.micro_batch_size=8" in overrides and "generation.max_new_tokens=1" not in overrides
+        replayable = (
+            "train.micro_batch_size=8" in overrides and "generation.max_new_tokens=1" not in overrides
+        )
         assert m["replayed"] is replayable
         if "grpo.beta=0.1" in overrides:
             assert m["kl"] is not None and m["kl"] >= 0
