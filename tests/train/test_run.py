@@ -31,6 +31,8 @@ def _page_faults(mode: str) -> int:
 
 @pytest.mark.skipif(glibc() is None, reason="no glibc here")
 def test_keeping_freed_memory_stops_the_page_faults_of_a_step():
-    # glibc's defaults hand the activations' pages back and fault them in again on every step
-    default, kept = _page_faults("off"), _page_faults("on")
-    assert kept * 3 < default, (kept, default)
+    # The loop allocates ~13 MB per step, ~320k pages over 100 steps. glibc's defaults may hand those pages
+    # back and fault them in again on every step (measured here: anywhere from ~800 to ~227k faults from one
+    # run to the next, as its dynamic thresholds happen to settle), so only the kept case has a firm bound.
+    kept = _page_faults("on")
+    assert kept < 10_000, kept
