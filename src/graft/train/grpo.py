@@ -45,6 +45,7 @@ from graft.train.checkpoint import (
     save_checkpoint,
     save_model,
 )
+from graft.train.records import completion_rows, step_metrics
 from graft.train.replay import replay_backward, replay_problem
 from graft.train.run import PromptOrder, RunDir, StopRequest, build_optimizer, setup_process
 from graft.train.sft import warm_start
@@ -320,46 +321,6 @@ def update_policy(policy, optimizer, scheduler, batch: ScoredBatch, cfg: Config,
 
 
 # --------------------------------------------------------------------------------------------- loop
-
-
-def step_metrics(batch: ScoredBatch, per_fn: dict[str, torch.Tensor], zero_variance: torch.Tensor) -> dict:
-    r = batch.rollout
-    lengths = r.completion_lengths.float()
-    scored = batch.rewards[~torch.isnan(batch.rewards)]  # completions some reward applied to
-    metrics = {
-        "reward/mean": batch.rewards.nanmean().item(),
-        "reward/std": scored.std().item() if scored.numel() > 1 else 0.0,
-    }
-    for name, values in per_fn.items():
-        metrics[f"reward/{name}/mean"] = values.nanmean().item()
-    if r.entropy is not None:
-        metrics["entropy"] = (r.entropy.sum() / r.completion_mask.sum().clamp(min=1)).item()
-    metrics.update(
-        {
-            "completion_length/mean": lengths.mean().item(),
-            "completion_length/max": lengths.max().item(),
-            "truncated_fraction": r.truncated.float().mean().item(),
-            "zero_variance_group_fraction": zero_variance.float().mean().item(),
-            "advantage/abs_mean": batch.advantages.abs().mean().item(),
-        }
-    )
-    return metrics
-
-
-def completion_rows(step: int, problems, texts: list[str], batch: ScoredBatch, per_fn: dict) -> list[dict]:
-    """One completions-log record per completion: what was asked, what came back, how it scored."""
-    r, G = batch.rollout, batch.rollout.group_size
-    rows = []
-    for i, text in enumerate(texts):
-        problem = problems[i // G]
-        rows.append({
-            "step": step, "group": i // G, "prompt": problem.prompt, "answer": problem.answer,
-            "completion": text, "reward": batch.rewards[i].item(),
-            **{f"reward/{name}": values[i].item() for name, values in per_fn.items()},
-            "advantage": batch.advantages[i].item(), "length": int(r.completion_mask[i].sum()),
-            "truncated": bool(r.truncated[i]),
-        })  # fmt: skip
-    return rows
 
 
 class TrainingInterrupted(Exception):

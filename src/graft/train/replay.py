@@ -81,9 +81,10 @@ def _accumulate(param: torch.Tensor, grad: torch.Tensor) -> None:
 def linear_backward(
     module, x: torch.Tensor, dy: torch.Tensor, dtype: torch.dtype | None = None
 ) -> torch.Tensor:
-    """dx for y = x W^T + s (x A^T) B^T, from x (N, in) and dy (N, out); adds s B^T-side and A-side
-    gradients to the active LoRA factors' .grad. A plain nn.Linear gives dy @ W. The products run in
-    `dtype` (x's by default; bfloat16 for a mixed-precision replay, as autocast would run them)."""
+    """dx = dy W + s (dy B) A for y = x W^T + s (x A^T) B^T, from x (N, in) and dy (N, out); adds the active
+    LoRA factors' gradients, s dy^T (x A^T) to B's .grad and s (dy B)^T x to A's. A plain nn.Linear gives
+    dy W. The products run in `dtype` (x's by default; bfloat16 in a mixed-precision replay, as autocast
+    would run them); the factors' gradients are accumulated in their own dtype."""
     dtype = dtype or x.dtype
     x, dy = x.to(dtype), dy.to(dtype)
     base = module.get_base_layer() if hasattr(module, "get_base_layer") else module
@@ -114,10 +115,10 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tens
     return x * cos + torch.cat((-x[..., half:], x[..., :half]), dim=-1) * sin
 
 
-def _attention_masks(prompt_mask: torch.Tensor, keep: torch.Tensor, Tc: int, dtype: torch.dtype):
-    """((U, 1, P, P) prompt, (B, 1, Tc, P + Tc) completion) additive masks (0 or -inf; torch's CPU attention
-    is faster with these than with booleans): causal over real tokens, as the decoder's; every query also
-    sees itself, so no softmax row is empty."""
+def _attention_masks(prompt_mask: torch.Tensor, keep: torch.Tensor, Tc: int):
+    """((U, 1, P, P) prompt, (B, 1, Tc, P + Tc) completion) additive float32 masks (0 or -inf; torch's CPU
+    attention is faster with these than with booleans): causal over real tokens, as the decoder's; every
+    query also sees itself, so no softmax row is empty."""
     P = prompt_mask.shape[1]
     eye_p = torch.eye(P, dtype=torch.bool)
     prompt = (torch.ones(P, P, dtype=torch.bool).tril() & prompt_mask.bool()[:, None, :]) | eye_p
@@ -125,10 +126,7 @@ def _attention_masks(prompt_mask: torch.Tensor, keep: torch.Tensor, Tc: int, dty
     causal = torch.ones(Tc, L, dtype=torch.bool).tril(P)
     diagonal = torch.arange(L) == torch.arange(Tc)[:, None] + P
     completion = (causal & keep.bool()[:, None, :]) | diagonal
-    return tuple(
-        torch.zeros(m.shape, dtype=dtype).masked_fill_(~m, float("-inf"))[:, None]
-        for m in (prompt, completion)
-    )
+    return tuple(torch.zeros(m.shape).masked_fill_(~m, float("-inf"))[:, None] for m in (prompt, completion))
 
 
 # --------------------------------------------------------------------------------------------- backward
@@ -151,12 +149,11 @@ class _Replay:
         self.Tc = T - 1  # decode calls: the last token is sampled, never fed back
         if len(rec.layers) != T or T < 2:
             raise RuntimeError(f"the recording has {len(rec.layers)} forward calls for {T} completion tokens")
+        # each recorded completion position: its row, the index of the token it was fed, its grid cell (n,)
         calls = rec.rows[1:]
-        self.row = torch.cat(calls)  # (n,) completion row of each recorded position
-        self.step = torch.cat(
-            [torch.full((len(rows),), t) for t, rows in enumerate(calls)]
-        )  # (n,) its input token
-        self.cells = self.row * self.Tc + self.step  # (n,) its place in the (B, Tc) grid
+        self.row = torch.cat(calls)
+        self.step = torch.cat([torch.full((len(rows),), t) for t, rows in enumerate(calls)])
+        self.cells = self.row * self.Tc + self.step
         self.H = cfg.num_attention_heads
         self.Hkv = getattr(cfg, "num_key_value_heads", None) or self.H
         self.D = getattr(cfg, "head_dim", None) or cfg.hidden_size // self.H
@@ -168,13 +165,10 @@ class _Replay:
         rotary = model.model.rotary_emb
         # attention runs in float32 even for a bf16 recording: torch's CPU attention backward is ~2.5x slower
         # in bf16 than in float32 at these sizes (measured), and more exact this way
-        self.rope_p = [
-            t[:, None] for t in rotary(anchor.float(), positions[:: self.G, : self.P])
-        ]  # (U, 1, P, D)
-        self.rope_c = [t[:, None] for t in rotary(anchor.float(), positions[:, self.P : self.P + self.Tc])]
-        self.mask_p, self.mask_c = _attention_masks(
-            prompt_mask, mask[:, : self.P + self.Tc], self.Tc, torch.float32
-        )
+        prompt_positions, completion_positions = positions[:: self.G, : self.P], positions[:, self.P : -1]
+        self.rope_p = [t[:, None] for t in rotary(anchor.float(), prompt_positions)]  # (U, 1, P, D) cos, sin
+        self.rope_c = [t[:, None] for t in rotary(anchor.float(), completion_positions)]  # (B, 1, Tc, D)
+        self.mask_p, self.mask_c = _attention_masks(prompt_mask, mask[:, :-1], self.Tc)
 
     def gather(self, prompt: torch.Tensor, per_call: list[torch.Tensor]) -> torch.Tensor:  # (U P + n, C)
         C = prompt.shape[-1]
@@ -201,17 +195,16 @@ class _Replay:
 
     def attention(self, qkv_p: torch.Tensor, qkv_c: torch.Tensor):
         """(U, P, H D), (n, H D) attention outputs from the projected q/k/v, (U, P, E) and (n, E),
-        differentiably. Positions past a completion's end are zeros and only attend to themselves'
-        kind: no real query sees them (causal, and the mask drops what follows a stop token)."""
+        differentiably. Grid cells past a completion's end hold zeros; no real query attends to them
+        (causal), so they receive no gradient."""
         qp, kp, vp = self._heads(qkv_p.float(), self.rope_p)
         qc, kc, vc = self._heads(self.grid(qkv_c.float()), self.rope_c)
         out_p = F.scaled_dot_product_attention(qp, kp, vp, attn_mask=self.mask_p, enable_gqa=True)
         keys = torch.cat([kp.repeat_interleave(self.G, dim=0), kc], dim=2)  # (B, Hkv, P + Tc, D)
         values = torch.cat([vp.repeat_interleave(self.G, dim=0), vc], dim=2)
         out_c = F.scaled_dot_product_attention(qc, keys, values, attn_mask=self.mask_c, enable_gqa=True)
-        return out_p.transpose(1, 2).flatten(2), out_c.transpose(1, 2).reshape(self.B * self.Tc, -1)[
-            self.cells
-        ]
+        out_c = out_c.transpose(1, 2).reshape(self.B * self.Tc, -1)[self.cells]  # back to the packed rows
+        return out_p.transpose(1, 2).flatten(2), out_c
 
     def attention_backward(self, qkv: torch.Tensor, d_out: torch.Tensor) -> torch.Tensor:
         """(N, (H + 2 H_kv) D) gradient of the projected q/k/v from the (N, H D) one of the attention output."""
@@ -278,9 +271,8 @@ def replay_backward(
         hidden = model.model.norm(
             torch.cat([final[: replay.U].repeat_interleave(replay.G, dim=0), final[replay.U :]])
         )
-        rows = torch.cat(
-            [torch.arange(replay.B), replay.row]
-        )  # (B + n,) the token each hidden state predicts
+        # (B + n,) the completion token each hidden state predicts: (row, position)
+        rows = torch.cat([torch.arange(replay.B), replay.row])
         steps = torch.cat([torch.zeros(replay.B, dtype=torch.long), replay.step + 1])
         head = model.get_output_embeddings().weight
         predicted = algo.linear_token_logprobs(
