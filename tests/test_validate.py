@@ -116,3 +116,6 @@ def test_decoder_copy_counts_only_what_outlives_the_rollout(tmp_path):
     replayed = parts()
     assert replayed["sampling copy"] > packed["sampling copy"]
     assert replayed["activations"] < packed["activations"]
+    # the mixed-precision replay (bf16 sampling + bf16 autocast) records in bf16: half the bytes
+    mixed = parts("generation.dtype=bfloat16", "train.autocast=bfloat16")
+    assert mixed["activations"] == replayed["activations"] // 2

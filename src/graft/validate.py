@@ -112,10 +112,13 @@ def estimate_memory(
     parts["activations"] = micro_tokens * layers * (6 * hidden + 3 * ffn) * max(dtype_bytes, 2)
     own_decoder = gen.pack_weights and device.type == "cpu" and config_problem(config) is None
     g = cfg.grpo
-    replays = (cfg.train.replay and cfg.lora.enabled and own_decoder and micro == batch and not other_dtype
-               and g.num_iterations == 1 and g.num_minibatches == 1 and cfg.train.autocast == "none")  # fmt: skip
+    mixed = other_dtype and gen.dtype == "bfloat16" and cfg.train.autocast == "bfloat16"  # graft-bf16's pair
+    same = not other_dtype and cfg.train.autocast == "none"
+    replays = (cfg.train.replay and cfg.lora.enabled and own_decoder and micro == batch and (same or mixed)
+               and g.num_iterations == 1 and g.num_minibatches == 1)  # fmt: skip
     if replays:  # graft.train.replay: the rollout records each layer's product inputs for the whole batch
-        parts["activations"] = micro_tokens * layers * (5 * hidden + 2 * kv_dim + 2 * ffn) * dtype_bytes
+        record_bytes = 2 if mixed else dtype_bytes
+        parts["activations"] = micro_tokens * layers * (5 * hidden + 2 * kv_dim + 2 * ffn) * record_bytes
     if sampling_copy:
         sampling_dtype = cfg.model.dtype if cfg.generation.dtype == "auto" else cfg.generation.dtype
         copy_bytes = torch.finfo(resolve_dtype(sampling_dtype, device)).bits // 8
