@@ -124,6 +124,21 @@ class KVBuffers:
         self.rows = self.rows[indices.cpu()]
 
 
+def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """RoPE as transformers applies it (rotate_half convention): x cos + rotate_half(x) sin."""
+    half = x.shape[-1] // 2
+    return x * cos + torch.cat((-x[..., half:], x[..., :half]), dim=-1) * sin
+
+
+def causal_mask(keep: torch.Tensor, T: int) -> torch.Tensor:
+    """(B, T, L) boolean: the last T of L positions as queries, each seeing the real tokens (keep (B, L)) up
+    to itself, and always itself, so no softmax row is empty (a padded query attends to itself)."""
+    L = keep.shape[1]
+    causal = torch.ones(T, L, dtype=torch.bool, device=keep.device).tril(L - T)
+    diagonal = torch.arange(L, device=keep.device) == torch.arange(T, device=keep.device)[:, None] + (L - T)
+    return (causal & keep.bool()[:, None, :]) | diagonal
+
+
 class LayerTrace(NamedTuple):
     """A layer's tensors from one forward call, each (b, T, C): the inputs of its products and what the
     backward of its attention and gating needs. The residual stream in (x) and after attention (mid)."""
@@ -263,12 +278,6 @@ class Decoder:
         # transformers' RMSNorm without its scale (folded into the next product): statistics in float32
         return F.rms_norm(x.float(), (x.shape[-1],), None, self.eps).to(x.dtype)
 
-    @staticmethod
-    def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        half = x.shape[-1] // 2
-        rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-        return x * cos + rotated * sin
-
     @torch.no_grad()
     def __call__(
         self,
@@ -304,14 +313,12 @@ class Decoder:
             if cache.time_major:  # as an additive bias for the batched products
                 bias = torch.zeros(B, H, L, dtype=x.dtype, device=x.device)
                 bias = bias.masked_fill_(~keep[:, None, :], float("-inf")).view(B * Hkv, group, L)
-        else:  # prefill: causal over the new tokens; a padded query attends to itself, so no row is empty
-            causal = torch.ones(T, L, dtype=torch.bool, device=x.device).tril(L - T)
-            diagonal = torch.arange(L, device=x.device) == torch.arange(T, device=x.device)[:, None] + (L - T)
-            mask = ((causal & keep[:, None, :]) | diagonal)[:, None]  # (B, 1, T, L)
+        else:  # prefill: causal over the new tokens
+            mask = causal_mask(keep, T)[:, None]  # (B, 1, T, L)
         for i, layer in enumerate(self.layers):
             projected = layer.qkv(self._norm(x))  # (B, T, (H + 2Hkv) D)
             qkv = projected.view(B, T, H + 2 * Hkv, D).transpose(1, 2)  # (B, H + 2Hkv, T, D)
-            qk = self._rotate(qkv[:, : H + Hkv], cos, sin)
+            qk = rotate(qkv[:, : H + Hkv], cos, sin)
             q, k, v = qk[:, :H], qk[:, H:], qkv[:, H + Hkv :]
             keys, values = cache.write(i, k, v)
             if T == 1 and cache.time_major:  # (B Hkv, G, D) x (B Hkv, L, D), read in place from the buffer

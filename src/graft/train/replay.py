@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from graft import algo
-from graft.rollout.decoder import PROJECTIONS, Decoder, LayerTrace, Recording
+from graft.rollout.decoder import PROJECTIONS, Decoder, LayerTrace, Recording, causal_mask, rotate
 from graft.rollout.sampler import Rollout, position_ids_from_mask
 
 PROJECTION_NAMES = tuple(m for members, _ in PROJECTIONS.values() for m in members)  # self_attn.q_proj, ...
@@ -110,23 +110,11 @@ def _through(fn: Callable, x: torch.Tensor, backward: Callable) -> torch.Tensor:
     return dx
 
 
-def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return x * cos + torch.cat((-x[..., half:], x[..., :half]), dim=-1) * sin
-
-
 def _attention_masks(prompt_mask: torch.Tensor, keep: torch.Tensor, Tc: int):
     """((U, 1, P, P) prompt, (B, 1, Tc, P + Tc) completion) additive float32 masks (0 or -inf; torch's CPU
-    attention is faster with these than with booleans): causal over real tokens, as the decoder's; every
-    query also sees itself, so no softmax row is empty."""
-    P = prompt_mask.shape[1]
-    eye_p = torch.eye(P, dtype=torch.bool)
-    prompt = (torch.ones(P, P, dtype=torch.bool).tril() & prompt_mask.bool()[:, None, :]) | eye_p
-    L = P + Tc
-    causal = torch.ones(Tc, L, dtype=torch.bool).tril(P)
-    diagonal = torch.arange(L) == torch.arange(Tc)[:, None] + P
-    completion = (causal & keep.bool()[:, None, :]) | diagonal
-    return tuple(torch.zeros(m.shape).masked_fill_(~m, float("-inf"))[:, None] for m in (prompt, completion))
+    attention is faster with these than with booleans), from the decoder's causal masks."""
+    masks = causal_mask(prompt_mask, prompt_mask.shape[1]), causal_mask(keep, Tc)
+    return tuple(torch.zeros(m.shape).masked_fill_(~m, float("-inf"))[:, None] for m in masks)
 
 
 # --------------------------------------------------------------------------------------------- backward
@@ -190,7 +178,7 @@ class _Replay:
         n, T, _ = qkv.shape
         H, Hkv = self.H, self.Hkv
         heads = qkv.view(n, T, H + 2 * Hkv, self.D).transpose(1, 2)
-        qk = _rotate(heads[:, : H + Hkv], *rope)
+        qk = rotate(heads[:, : H + Hkv], *rope)
         return qk[:, :H], qk[:, H:], heads[:, H + Hkv :]
 
     def attention(self, qkv_p: torch.Tensor, qkv_c: torch.Tensor):
