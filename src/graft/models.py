@@ -396,15 +396,22 @@ class SamplingCopy:
                                  "set generation.pack_weights=false") from exc  # fmt: skip
 
     @contextlib.contextmanager
-    def sampling(self, policy):
-        """The copy with the policy's current weights, for one rollout. Afterwards graft's decoder drops
-        the packed weights that the next refresh rebuilds anyway (the adapted layers), so the training
-        pass reuses that memory instead of adding to it."""
+    def sampling(self, policy, recording=None):
+        """The copy with the policy's current weights, for one rollout; with a `recording`
+        (graft.rollout.decoder.Recording, graft's decoder only) its forward calls are kept in it. Afterwards
+        graft's decoder drops the packed weights that the next refresh rebuilds anyway (the adapted layers),
+        so the training pass reuses that memory instead of adding to it."""
         model = self.refresh(policy)
+        decoder = not isinstance(model, torch.nn.Module)
+        if recording is not None and not decoder:
+            raise ValueError("only graft's own decoder records its forward (see graft.train.replay)")
+        if recording is not None:
+            model.recording = recording
         try:
             yield model
         finally:
-            if not isinstance(model, torch.nn.Module):
+            if decoder:
+                model.recording = None
                 model.release(self.adapted)
 
     def _pack(self, module: torch.nn.Module, prefix: str) -> None:

@@ -93,6 +93,8 @@ def estimate_memory(
         cfg.model.dtype, device
     )
     sampling_copy = other_dtype or (gen.pack_weights and device.type == "cpu")
+    sampling_dtype = cfg.model.dtype if gen.dtype == "auto" else gen.dtype
+    copy_bytes = torch.finfo(resolve_dtype(sampling_dtype, device)).bits // 8
     linear_params = sum(i * o for i, o in linears.values())
     if cfg.lora.enabled:
         targets = cfg.lora.target_modules
@@ -117,11 +119,9 @@ def estimate_memory(
     replays = (cfg.train.replay and cfg.lora.enabled and own_decoder and micro == batch and (same or mixed)
                and g.num_iterations == 1 and g.num_minibatches == 1)  # fmt: skip
     if replays:  # graft.train.replay: the rollout records each layer's product inputs for the whole batch
-        record_bytes = 2 if mixed else dtype_bytes
-        parts["activations"] = micro_tokens * layers * (5 * hidden + 2 * kv_dim + 2 * ffn) * record_bytes
+        # in the sampling copy's dtype: bf16 in the mixed pair
+        parts["activations"] = micro_tokens * layers * (5 * hidden + 2 * kv_dim + 2 * ffn) * copy_bytes
     if sampling_copy:
-        sampling_dtype = cfg.model.dtype if cfg.generation.dtype == "auto" else cfg.generation.dtype
-        copy_bytes = torch.finfo(resolve_dtype(sampling_dtype, device)).bits // 8
         parts["sampling copy"] = n_params * copy_bytes
         if own_decoder:
             # graft's decoder drops the layers each refresh rebuilds (the adapted ones) after the rollout,

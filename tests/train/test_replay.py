@@ -33,8 +33,7 @@ def recorded_rollout(
 ):
     copy = SamplingCopy(model, dtype, pack=True)
     recording = Recording()
-    with copy.sampling(model) as decoder:
-        decoder.recording = recording
+    with copy.sampling(model, recording) as decoder:
         r = sample(decoder, PROMPTS, group_size=group_size, max_new_tokens=max_new_tokens, pad_id=0,
                    stop_ids=STOPS, temperature=temperature, generator=torch.Generator().manual_seed(5))  # fmt: skip
     return r, recording
@@ -108,6 +107,16 @@ def test_mixed_precision_replay_is_close_to_the_float32_gradient():
     assert out.loss.item() == pytest.approx(expected.loss.item(), rel=0.05, abs=1e-3)
     assert torch.nn.functional.cosine_similarity(got, want, dim=0) > 0.95
     assert got.norm() == pytest.approx(want.norm().item(), rel=0.1)
+
+
+def test_only_graft_decoder_records():
+    model = adapted(build_tiny_model(VOCAB))
+    copy = SamplingCopy(model, torch.float32, pack=True, own_decoder=False)  # transformers modules, packed
+    with (
+        pytest.raises(ValueError, match="only graft's own decoder records"),
+        copy.sampling(model, Recording()),
+    ):
+        pass
 
 
 def test_a_rollout_without_recording_matches_one_with():

@@ -291,9 +291,7 @@ class Decoder:
         B, T = input_ids.shape
         H, Hkv, D = self.num_heads, self.num_kv_heads, self.head_dim
         time_major = self.dtype == torch.float32
-        if past_key_values is None:
-            past_key_values = KVBuffers(len(self.layers), time_major, B)
-        cache = past_key_values
+        cache = past_key_values if past_key_values is not None else KVBuffers(len(self.layers), time_major, B)
         traces = None
         if self.recording is not None:
             traces = []

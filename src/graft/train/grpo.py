@@ -74,28 +74,22 @@ def rollout(
     """Sample the groups; with `recording` (graft's decoder only) the forward's tensors are kept in it."""
     policy.eval()  # no dropout while sampling: the sampler's log-probs must describe the policy we train
     if sampling_copy is not None:  # packed (generation.pack_weights) or bf16 (generation.dtype) copy
-        weights = sampling_copy.sampling(policy)
+        weights = sampling_copy.sampling(policy, recording)
     else:
         weights = merged_adapter(policy, cfg.generation.merge_adapter)
     with weights as model:
-        if recording is not None:
-            model.recording = recording
-        try:
-            return sample(
-                model,
-                encode_prompts(tokenizer, task, problems),
-                group_size=cfg.grpo.num_generations,
-                max_new_tokens=cfg.generation.max_new_tokens,
-                min_new_tokens=cfg.generation.min_new_tokens,
-                pad_id=tokenizer.pad_token_id,
-                stop_ids=stop_ids,
-                temperature=cfg.generation.temperature,
-                top_p=cfg.generation.top_p,
-                generator=generator,
-            )
-        finally:
-            if recording is not None:
-                model.recording = None
+        return sample(
+            model,
+            encode_prompts(tokenizer, task, problems),
+            group_size=cfg.grpo.num_generations,
+            max_new_tokens=cfg.generation.max_new_tokens,
+            min_new_tokens=cfg.generation.min_new_tokens,
+            pad_id=tokenizer.pad_token_id,
+            stop_ids=stop_ids,
+            temperature=cfg.generation.temperature,
+            top_p=cfg.generation.top_p,
+            generator=generator,
+        )
 
 
 # --------------------------------------------------------------------------------------------- rewards
