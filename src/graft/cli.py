@@ -42,15 +42,23 @@ def cmd_validate(args: argparse.Namespace, console: Console) -> int:
     cfg = load_config(args.config, args.overrides)
     from graft.validate import validate_or_raise
 
-    memory = validate_or_raise(cfg).memory
+    checked = validate_or_raise(cfg)
+    memory = checked.memory
     console.print("[green]config OK[/green]" + (f"; memory estimate: {memory.describe()}" if memory else ""))
+    if checked.paths is not None:
+        from graft.cpu.probe import probe
+
+        if checked.paths.device == "cpu":
+            console.print(f"cpu: {escape(probe().summary())}")
+        console.print(f"paths: {escape(checked.paths.describe())}")
     return 0
 
 
 def cmd_doctor(args: argparse.Namespace, console: Console) -> int:
     from graft.doctor import print_report, report
 
-    data = report()
+    cfg = load_config(args.config, args.overrides) if args.config or args.overrides else None
+    data = report(cfg, label=args.config or ("defaults + overrides" if args.overrides else "defaults"))
     if args.json:
         print(json.dumps(data, indent=2))
     else:
@@ -102,7 +110,12 @@ def build_parser() -> argparse.ArgumentParser:
     validate.add_argument("overrides", nargs="*", help="dotted overrides")
     validate.set_defaults(func=cmd_validate)
 
-    doctor = sub.add_parser("doctor", help="environment report for bug reports (versions, devices, caches)")
+    doctor = sub.add_parser(
+        "doctor",
+        help="environment report: versions, devices, CPU features, the fast paths a recipe takes here",
+    )
+    doctor.add_argument("config", nargs="?", help="YAML recipe whose paths to explain (default: built-ins)")
+    doctor.add_argument("overrides", nargs="*", help="dotted overrides")
     doctor.add_argument("--json", action="store_true", help="machine-readable output")
     doctor.set_defaults(func=cmd_doctor)
 
@@ -143,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
 
         return bench_main(argv[1:])
     args = build_parser().parse_args(argv)
-    if args.command in ("train", "validate", "config") or getattr(args, "split_config", False):
+    if args.command in ("train", "validate", "config", "doctor") or getattr(args, "split_config", False):
         _split_config_arg(args)
     if args.command not in ("config", "doctor", "completions", "report"):
         _quiet_libraries()

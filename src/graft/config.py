@@ -175,14 +175,16 @@ class GenerationConfig(_Section):
     )
     pack_weights: bool = Field(
         True,
-        description="CPU: sample from a copy of the merged policy with oneDNN-packed weights; Llama-family "
+        description="CPU: sample from a copy of the merged policy with oneDNN-packed weights (where the CPU "
+        "probe finds oneDNN can pack them; else the same copy on F.linear); Llama-family "
         "models (Llama, SmolLM, Qwen2, Mistral) through graft's own fused forward (same math up to "
         "summation order). Between rollouts it keeps only the LM head (other models: a model copy)",
     )
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto",
         description="weights the rollout samples from; auto = the model's. bfloat16 on a float32 model = a "
-        "bf16 copy of the merged policy (faster decoding on CPUs with AVX512-BF16/AMX; training stays float32)",
+        "bf16 copy of the merged policy (faster decoding where oneDNN has bf16 kernels, refused on CPUs "
+        "without them: see graft doctor; training stays float32)",
     )
 
     @model_validator(mode="after")
@@ -216,7 +218,8 @@ class TrainConfig(_Section):
     autocast: Literal["none", "bfloat16", "float16"] = Field(
         "none",
         description="training forward under torch.autocast in this dtype (weights, Adam, loss stay as they "
-        "are); bfloat16 is ~1.8x faster on CPUs with AVX512-BF16/AMX",
+        "are); bfloat16 on a CPU needs oneDNN's bf16 kernels (AVX512-BW/VL/DQ, AMX or AVX-NE-CONVERT: see "
+        "graft doctor) and is refused without them",
     )
     replay: bool = Field(
         True,

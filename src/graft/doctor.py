@@ -1,4 +1,5 @@
-"""`graft doctor`: the environment, for bug reports: versions, devices, threads, caches, optional extras."""
+"""`graft doctor`: the environment, for bug reports: versions, devices, the CPU's relevant features and the
+fast paths a recipe takes on this machine (and why), threads, caches, optional extras."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import importlib.util
 import os
 import platform
 import sys
+from pathlib import Path
 
 
 def _version(package: str) -> str | None:
@@ -34,15 +36,59 @@ OPTIONAL = {  # package: what it enables
     "wandb": "logging.report_to=[wandb] (extra: tracking)",
     "trackio": "logging.report_to=[trackio] (extra: tracking)",
     "mlflow-skinny": "logging.report_to=[mlflow] (extra: tracking)",
-    "vllm": "vLLM rollouts on GPUs (not wired in yet)",
-    "bitsandbytes": "QLoRA on GPUs (not wired in yet)",
-    "math-verify": "math answer checking (not wired in yet)",
+    "math-verify": "the math_equivalence reward (task math's correctness)",
+    "vllm": "vLLM rollouts on GPUs (not wired into graft yet)",
+    "bitsandbytes": "4-bit / 8-bit QLoRA (not wired into graft yet)",
 }
 
 
-def report() -> dict:
+def _model_config(cfg):
+    """The recipe's transformers config when it is on disk already (a cached built-in or a local folder);
+    None rather than converting or downloading anything."""
+    from graft.models import BUILTIN_PREFIX, default_cache_dir
+
+    name = cfg.model.name
+    if name.startswith(BUILTIN_PREFIX):
+        folder = Path(cfg.model.cache_dir or default_cache_dir() / "models") / name[len(BUILTIN_PREFIX) :]
+    else:
+        folder = Path(name).expanduser()
+    if not (folder / "config.json").is_file():
+        return None
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(folder, trust_remote_code=cfg.model.trust_remote_code)
+    except (OSError, ValueError):
+        return None
+
+
+def fast_paths(cfg=None, label: str = "defaults") -> dict:
+    """The paths `graft train` would take here for this recipe, each on or off with the reason."""
+    from graft.config import Config
+    from graft.cpu.plan import plan_fast_paths
+    from graft.models import ModelError, resolve_device
+
+    cfg = cfg or Config()
+    try:
+        device = resolve_device(cfg.model.device)
+    except ModelError as exc:
+        return {"recipe": label, "error": str(exc)}
+    model_config = _model_config(cfg)
+    paths = plan_fast_paths(cfg, device, model_config)
+    return {
+        "recipe": label,
+        "device": device.type,
+        "summary": paths.describe(),
+        "why": paths.why
+        | ({} if model_config else {"graft decoder": "unknown: the model is not on disk yet"}),
+        "problems": paths.problems,
+    }
+
+
+def report(cfg=None, label: str = "defaults") -> dict:
     import torch
 
+    from graft.cpu.probe import probe
     from graft.models import BUILTIN_MODELS, default_cache_dir
 
     cache = default_cache_dir()
@@ -50,6 +96,7 @@ def report() -> dict:
         "cpu_cores": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "cuda": torch.cuda.is_available(),
+        "onednn": torch.backends.mkldnn.is_available(),
     }
     if torch.cuda.is_available():
         devices["gpus"] = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
@@ -62,6 +109,8 @@ def report() -> dict:
         "packages": {p: _version(p) for p in CORE},
         "optional": {p: {"version": _version(p), "for": why} for p, why in OPTIONAL.items()},
         "devices": devices,
+        "cpu": probe().to_dict(),
+        "fast_paths": fast_paths(cfg, label),
         "caches": {
             "graft": str(cache),
             "builtin_models_cached": sorted(
@@ -70,7 +119,11 @@ def report() -> dict:
             "huggingface": os.environ.get("HF_HOME", os.path.expanduser("~/.cache/huggingface")),
         },
         "env": {
-            k: v for k, v in os.environ.items() if k.startswith(("GRAFT_", "HF_", "CUDA_VISIBLE", "OMP_NUM"))
+            k: v
+            for k, v in os.environ.items()
+            if k.startswith(
+                ("GRAFT_", "HF_", "CUDA_VISIBLE", "OMP_NUM", "ATEN_CPU", "ONEDNN_", "DNNL_", "MKL_")
+            )
         },
     }
 
@@ -87,6 +140,23 @@ def print_report(console, data: dict) -> None:
         table.add_row(name, version or "[red]missing[/red]")
     for key, value in data["devices"].items():
         table.add_row(key, str(value))
+    cpu = data["cpu"]
+    table.add_row("cpu", escape(f"{cpu['model']} ({cpu['arch']}), ATen kernels: {cpu['aten_capability']}"))
+    table.add_row("cpu flags", " ".join(cpu["flags"]) or "none of the relevant ones")
+    for key, value in cpu["isa_caps"].items():
+        table.add_row(f"isa cap: {key}", escape(value))
+    for feature, ok in cpu["supported"].items():
+        detail = "yes" if ok else f"[yellow]no[/yellow]: {escape(cpu['why_not'][feature])}"
+        table.add_row(f"cpu: {feature}", detail)
+    paths = data["fast_paths"]
+    if "error" in paths:
+        table.add_row(f"paths ({escape(paths['recipe'])})", f"[red]{escape(paths['error'])}[/red]")
+    else:
+        table.add_row(f"paths ({escape(paths['recipe'])})", escape(paths["summary"]))
+        for path, why in paths["why"].items():
+            table.add_row(f"  {path}", escape(why))
+        for problem in paths["problems"]:
+            table.add_row("  [red]refused[/red]", escape(problem))
     for key, value in data["caches"].items():
         table.add_row(f"cache: {key}", escape(str(value)))
     for name, info in data["optional"].items():

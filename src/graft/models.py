@@ -10,12 +10,14 @@ import re
 import shutil
 import tempfile
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from graft.config import LoraConfig, ModelConfig
+from graft.cpu.probe import packing_problem
 
 
 class ModelError(RuntimeError):
@@ -142,13 +144,20 @@ def resolve_device(name: str) -> torch.device:
     if name == "auto":
         if torch.cuda.is_available():
             return torch.device("cuda")
-        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+        if _mps_available():
             return torch.device("mps")
         return torch.device("cpu")
     device = torch.device(name)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ModelError(f"model.device={name} but torch sees no CUDA device; use model.device=cpu or auto")
+    if device.type == "mps" and not _mps_available():
+        raise ModelError(f"model.device={name} but torch sees no Apple GPU (MPS needs Apple silicon, macOS 12.3+ "
+                         "and a torch built with MPS); use model.device=cpu or auto")  # fmt: skip
     return device
+
+
+def _mps_available() -> bool:
+    return bool(getattr(torch.backends, "mps", None) and torch.backends.mps.is_available())
 
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
@@ -361,7 +370,8 @@ class SamplingCopy:
     current (LoRA-merged) weights. Two reasons to keep one:
     - pack=True (CPU): linear weights are packed for oneDNN (PackedLinear: dense in and out), which
       decodes a batch of 16 ~2-3x faster per layer than F.linear (greedy tokens equal, log-probs within
-      ~1e-5 on the built-in model). Llama-shaped models (graft.rollout.decoder) then sample through
+      ~1e-5 on the built-in model) where the CPU probe (graft.cpu.probe) says this dtype packs; elsewhere
+      the same copy runs F.linear (`unpacked_because` says why). Llama-shaped models (graft.rollout.decoder) then sample through
       graft's own forward with fused projections, which between rollouts keeps only what no update
       changes (under LoRA: the LM head); other models keep the transformers modules with each nn.Linear
       swapped for a PackedLinear, a whole copy kept between rollouts (own_decoder=False forces that);
@@ -379,18 +389,23 @@ class SamplingCopy:
         self.packed: set[str] = set()  # module paths whose weights live in oneDNN's layout
         self.adapted: set[str] | None = None  # weights each refresh changes (None: all)
         plain = policy.get_base_model() if self.is_peft else policy
+        # pack=True asks for the CPU fast path; whether the weights are packed is the probe's answer
+        self.unpacked_because = packing_problem(dtype) if pack else None
+        if self.unpacked_because is not None:
+            warnings.warn(f"sampling from unpacked {dtype} weights: {self.unpacked_because}", stacklevel=2)
+        packable = pack and self.unpacked_because is None
         with torch.no_grad():
             try:
                 if pack and own_decoder and decoder_problem(plain) is None:  # graft's own forward
-                    self.model = Decoder(plain, merged_state(policy)[0], dtype, pack=True)
+                    self.model = Decoder(plain, merged_state(policy)[0], dtype, pack=packable)
                     return
                 model = copy.deepcopy(policy)
                 model = model.merge_and_unload() if self.is_peft else model
                 self.model = model.to(dtype).eval().requires_grad_(False)
-                if pack:
+                if packable:
                     self._pack(self.model, "")
-            except (AttributeError, RuntimeError, NotImplementedError) as exc:  # a torch without oneDNN
-                if not pack:
+            except (AttributeError, RuntimeError, NotImplementedError) as exc:  # a kernel the probe missed
+                if not packable:
                     raise
                 raise ModelError(f"generation.pack_weights: this torch cannot pack weights ({exc}); "
                                  "set generation.pack_weights=false") from exc  # fmt: skip

@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from graft.config import Config, ConfigError
+from graft.cpu.plan import FastPaths, plan_fast_paths
 from graft.tasks.base import Task
 
 GiB = 1024**3
@@ -71,7 +72,6 @@ def estimate_memory(
     cfg: Config, config, n_params: int, linears: dict, device: torch.device
 ) -> MemoryEstimate:
     from graft.models import resolve_dtype
-    from graft.rollout.decoder import config_problem
 
     dtype_bytes = torch.finfo(resolve_dtype(cfg.model.dtype, device)).bits // 8
     hidden = config.hidden_size
@@ -88,13 +88,9 @@ def estimate_memory(
 
     parts = {"weights": n_params * dtype_bytes}
     # the rollout's own copy of the policy (graft.models.SamplingCopy) replaces the merged-layer copy
-    gen = cfg.generation
-    other_dtype = gen.dtype != "auto" and resolve_dtype(gen.dtype, device) != resolve_dtype(
-        cfg.model.dtype, device
-    )
-    sampling_copy = other_dtype or (gen.pack_weights and device.type == "cpu")
-    sampling_dtype = cfg.model.dtype if gen.dtype == "auto" else gen.dtype
-    copy_bytes = torch.finfo(resolve_dtype(sampling_dtype, device)).bits // 8
+    paths = plan_fast_paths(cfg, device, config)
+    sampling_copy = paths.sampling_copy
+    copy_bytes = torch.finfo(paths.sampling_dtype).bits // 8
     linear_params = sum(i * o for i, o in linears.values())
     if cfg.lora.enabled:
         targets = cfg.lora.target_modules
@@ -112,12 +108,7 @@ def estimate_memory(
     micro_tokens = micro * cfg.generation.max_new_tokens + groups * prompt
     # activations kept for backward per token and layer: attention and MLP inputs (~6 hidden + 3 ffn)
     parts["activations"] = micro_tokens * layers * (6 * hidden + 3 * ffn) * max(dtype_bytes, 2)
-    own_decoder = gen.pack_weights and device.type == "cpu" and config_problem(config) is None
-    g = cfg.grpo
-    mixed = other_dtype and gen.dtype == "bfloat16" and cfg.train.autocast == "bfloat16"  # graft-bf16's pair
-    same = not other_dtype and cfg.train.autocast == "none"
-    replays = (cfg.train.replay and cfg.lora.enabled and own_decoder and micro == batch and (same or mixed)
-               and g.num_iterations == 1 and g.num_minibatches == 1)  # fmt: skip
+    own_decoder, replays = paths.own_decoder, paths.replay
     if replays:  # graft.train.replay: the rollout records each layer's product inputs for the whole batch
         # in the sampling copy's dtype: bf16 in the mixed pair
         parts["activations"] = micro_tokens * layers * (5 * hidden + 2 * kv_dim + 2 * ffn) * copy_bytes
@@ -173,6 +164,7 @@ class Checked:
     memory: MemoryEstimate | None
     task: Task | None
     rewards: dict[str, Callable]  # spec -> function, for the specs that loaded
+    paths: FastPaths | None = None  # the fast paths this machine takes (None: no device)
 
 
 def check_run(cfg: Config, estimate: bool = True) -> tuple[list[str], MemoryEstimate | None]:
@@ -245,28 +237,29 @@ def _check(cfg: Config, estimate: bool = True) -> Checked:
     except ModelError as exc:
         problems.append(f"'model.device': {exc}")
 
-    est = None
+    est, config, paths = None, None, None
     if estimate and model_problem is None and device is not None:
         try:
             config, n_params, linears = _model_shape(resolve_model_path(cfg.model), cfg)
         except (OSError, ValueError, ModelError):
             config = None  # a hub id with no network: the size is unknown until it downloads
-        if config is not None:
-            est = estimate_memory(cfg, config, n_params, linears, device)
-            if est.available and est.total > 0.95 * est.available:
-                problems.append(
-                    f"not enough memory: a step needs {est.describe()}; {_memory_advice(est, cfg)}"
-                )
-            free = shutil.disk_usage(out).free
-            per_checkpoint = est.parts.get("adapter + Adam", 0) + est.parts.get("grads + Adam", 0)
-            per_checkpoint += 0 if cfg.lora.enabled else est.parts["weights"]
-            needed = per_checkpoint * (cfg.checkpoint.keep_last_n + 2)
-            if needed > free:
-                problems.append(
-                    f"not enough disk: checkpoints need ~{needed / GiB:.1f} GiB in {out}, {free / GiB:.1f} GiB "
-                    "free; free space, move logging.output_dir, or lower checkpoint.keep_last_n"
-                )
-    return Checked(problems, est, task, rewards)
+    if device is not None:  # what this machine can run, before anything heavy starts
+        paths = plan_fast_paths(cfg, device, config)
+        problems.extend(paths.problems)
+    if config is not None:
+        est = estimate_memory(cfg, config, n_params, linears, device)
+        if est.available and est.total > 0.95 * est.available:
+            problems.append(f"not enough memory: a step needs {est.describe()}; {_memory_advice(est, cfg)}")
+        free = shutil.disk_usage(out).free
+        per_checkpoint = est.parts.get("adapter + Adam", 0) + est.parts.get("grads + Adam", 0)
+        per_checkpoint += 0 if cfg.lora.enabled else est.parts["weights"]
+        needed = per_checkpoint * (cfg.checkpoint.keep_last_n + 2)
+        if needed > free:
+            problems.append(
+                f"not enough disk: checkpoints need ~{needed / GiB:.1f} GiB in {out}, {free / GiB:.1f} GiB "
+                "free; free space, move logging.output_dir, or lower checkpoint.keep_last_n"
+            )
+    return Checked(problems, est, task, rewards, paths)
 
 
 def validate_or_raise(cfg: Config) -> Checked:

@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from graft import algo
+from graft.cpu.plan import replay_config_problem
 from graft.rollout.decoder import PROJECTIONS, Decoder, LayerTrace, Recording, causal_mask, rotate
 from graft.rollout.sampler import Rollout, position_ids_from_mask
 
@@ -27,29 +28,18 @@ PROJECTION_NAMES = tuple(m for members, _ in PROJECTIONS.values() for m in membe
 
 
 def replay_problem(policy, sampling_copy, cfg) -> str | None:
-    """Why this run's updates cannot replay the rollout's forward; None when they can."""
+    """Why this run's updates cannot replay the rollout's forward; None when they can. The config's part is
+    graft.cpu.plan's (shared with validate and doctor); this adds what only the loaded model shows."""
     from peft import PeftModel
     from peft.tuners.lora import LoraLayer
 
-    g, t = cfg.grpo, cfg.train
-    batch = t.prompts_per_step * g.num_generations
-    if g.num_iterations != 1 or g.num_minibatches != 1:
-        return "the batch outlives an update (grpo.num_iterations or grpo.num_minibatches > 1)"
-    if t.micro_batch_size < batch:
-        return f"train.micro_batch_size ({t.micro_batch_size}) is below the batch ({batch}): the recording holds it all"
-    if sampling_copy is None or not isinstance(sampling_copy.model, Decoder):
-        return "the rollout does not run graft's own decoder (CPU, generation.pack_weights, a Llama-shaped model)"
-    precisions = (policy.dtype, sampling_copy.dtype, t.autocast)
-    if precisions not in (
-        (torch.float32, torch.float32, "none"),
-        (torch.float32, torch.bfloat16, "bfloat16"),
-    ):
-        return (
-            f"weights {policy.dtype}, sampling {sampling_copy.dtype}, train.autocast={t.autocast}: the replay "
-            "needs float32 throughout or bfloat16 sampling with bfloat16 autocast"
-        )
-    if not isinstance(policy, PeftModel):
-        return "full fine-tuning (the replay trains LoRA factors)"
+    own_decoder = sampling_copy is not None and isinstance(sampling_copy.model, Decoder)
+    sampling_dtype = sampling_copy.dtype if sampling_copy is not None else policy.dtype
+    problem = replay_config_problem(
+        cfg, policy.dtype, sampling_dtype, own_decoder, isinstance(policy, PeftModel)
+    )
+    if problem is not None:
+        return problem
     allowed = set()
     for name, module in policy.get_base_model().named_modules():
         if not isinstance(module, LoraLayer):
