@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import os
 import string
 from pathlib import Path
 
 import pytest
 import torch
+
+from graft.cpu.probe import FEATURES, FORCE_ENV, probe
 
 SPECIAL = ["<pad>", "<|im_start|>", "<|im_end|>"]  # id 0 pad, 2 end of turn
 CHAT_TEMPLATE = (
@@ -96,3 +99,39 @@ def builtin_model():
     from graft.models import load_model
 
     return load_model(ModelConfig(device="cpu"))
+
+
+def _lacks(feature: str) -> str | None:
+    """The skip reason when the CPU probe does not find `feature`: the feature and what the CPU lacks."""
+    caps = probe()
+    return None if caps.has(feature) else f"needs {feature} ({FEATURES[feature]}); {caps.missing(feature)}"
+
+
+def needs_cpu(feature: str):
+    """A mark: skip unless this CPU has `feature` (graft.cpu.probe)."""
+    return pytest.mark.skipif(_lacks(feature) is not None, reason=_lacks(feature) or "")
+
+
+def require_cpu(feature: str) -> None:
+    """Inside a test: skip it unless this CPU has `feature`."""
+    if (reason := _lacks(feature)) is not None:
+        pytest.skip(reason)
+
+
+@pytest.fixture
+def cpu_without():
+    """cpu_without("bfloat16", ...): the probe answers "unsupported" for these features until the test
+    ends, so a fallback runs on every machine, whatever the CPU can do."""
+    before = os.environ.get(FORCE_ENV)
+
+    def force(*features: str):
+        os.environ[FORCE_ENV] = ",".join(features)
+        probe.cache_clear()
+        return probe()
+
+    yield force
+    if before is None:
+        os.environ.pop(FORCE_ENV, None)
+    else:
+        os.environ[FORCE_ENV] = before
+    probe.cache_clear()

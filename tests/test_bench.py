@@ -10,7 +10,7 @@ from graft.bench import main, step_gflop
 def test_benchmark_runs_graft_side_and_reports(tmp_path, capsys):
     """A one-step smoke run of the benchmark driver (the TRL side needs the `bench` extra and minutes)."""
     out = tmp_path / "bench.json"
-    code = main(["--frameworks", "graft", "--rounds", "1", "--steps", "1", "--warmup", "0",
+    code = main(["--frameworks", "graft,graft-unpacked", "--rounds", "1", "--steps", "1", "--warmup", "0",
                  "--max-new-tokens", "4", "--json", str(out)])  # fmt: skip
     assert code == 0
     result = json.loads(out.read_text())
@@ -21,7 +21,18 @@ def test_benchmark_runs_graft_side_and_reports(tmp_path, capsys):
     assert 0 < graft["fraction_of_peak"] < 1
     # the bench's graft config trains the whole batch at once: the update replays the rollout's forward
     assert 0 < graft["executed_fraction_of_peak"] < graft["fraction_of_peak"]
-    assert "replays the rollout's forward" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "replays the rollout's forward" in printed
+    # every figure names its machine; the ablation says what oneDNN packing buys on it
+    assert result["machine"]["model"] in printed and result["machine"]["supported"]["packed_float32"] in (
+        True,
+        False,
+    )
+    assert result["summary"]["gain_over_graft-unpacked"] > 0 and "graft / graft-unpacked:" in printed
+
+
+def test_unknown_bench_variant_is_named():
+    assert main(["--frameworks", "graft,graft-fast"]) == 2
 
 
 def test_replayed_step_counts_no_training_forward_through_the_layers():

@@ -2,6 +2,7 @@ import pytest
 import torch
 
 from graft.config import ModelConfig
+from graft.cpu.probe import probe
 from graft.models import (
     BUILTIN_MODELS,
     BuiltinModel,
@@ -81,7 +82,8 @@ def test_sampling_copy_follows_the_policy_after_each_update(tiny_model, lora, ki
     ids = torch.randint(3, 60, (2, 12))
     copy = SamplingCopy(policy, torch.float32, **COPY_KINDS[kind])  # same dtype: exact up to summation order
     assert isinstance(copy.model, Decoder) == (kind == "decoder")
-    assert bool(copy.packed) == (kind == "packed") and ("lm_head" in copy.packed) == (kind == "packed")
+    packed = kind == "packed" and probe().has("packed_float32")  # else the same modules on F.linear
+    assert bool(copy.packed) == packed and ("lm_head" in copy.packed) == packed
 
     def update():  # what an optimizer step does: trainable weights move (all of them without LoRA)
         with torch.no_grad():
@@ -100,9 +102,25 @@ def test_sampling_copy_follows_the_policy_after_each_update(tiny_model, lora, ki
     if kind != "decoder":
         assert not hasattr(model, "peft_config") and not any(p.requires_grad for p in model.parameters())
 
-    bf16 = SamplingCopy(policy, torch.bfloat16, **COPY_KINDS[kind]).refresh(policy)
+    bf16_copy = SamplingCopy(policy, torch.bfloat16, **COPY_KINDS[kind])
+    # packed where the CPU has oneDNN bf16 kernels; elsewhere the same copy on F.linear (graft.cpu.probe)
+    packs = kind != "plain" and probe().has("bfloat16")
+    assert (bf16_copy.unpacked_because is None) == (kind == "plain" or packs)
+    bf16 = bf16_copy.refresh(policy)
     embeddings = bf16.embed if kind == "decoder" else bf16.get_input_embeddings().weight  # never packed
     assert embeddings.dtype == torch.bfloat16
     with merged_adapter(policy) as reference:
         diff = (_logits(bf16, ids) - _logits(reference, ids)).abs().max()
     assert 0 < diff < 0.05  # rounded, not a different model
+
+
+def test_a_device_this_machine_lacks_is_named_with_the_fix():
+    from graft.models import resolve_device
+
+    if not torch.cuda.is_available():
+        with pytest.raises(ModelError, match="no CUDA device; use model.device=cpu or auto"):
+            resolve_device("cuda")
+    if not torch.backends.mps.is_available():
+        with pytest.raises(ModelError, match="no Apple GPU .*use model.device=cpu or auto"):
+            resolve_device("mps")
+    assert resolve_device("cpu") == torch.device("cpu")

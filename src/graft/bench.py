@@ -23,6 +23,19 @@ from pathlib import Path
 SYSTEM_PROMPT = "You are a calculator. Reply with the result only, as a plain integer."
 
 
+# graft's workers: (config overrides, environment). graft-bf16 is mixed precision (sampling from a bf16
+# copy of the merged policy, training under bf16 autocast with float32 weights and Adam; compared with
+# TRL's own bf16 mode, trl-bf16). The others switch one fast path off, to show what each buys on this CPU.
+GRAFT_VARIANTS: dict[str, tuple[list[str], dict[str, str]]] = {
+    "graft": ([], {}),
+    "graft-bf16": (["generation.dtype=bfloat16", "train.autocast=bfloat16"], {}),
+    "graft-unpacked": ([], {"GRAFT_CPU_UNSUPPORTED": "packed_float32"}),  # graft's decoder on F.linear
+    "graft-noreplay": (["train.replay=false"], {}),  # a second forward in the update
+    "graft-hf": (["generation.pack_weights=false"], {}),  # sampling through the transformers model
+}
+BF16_WORKERS = ("graft-bf16", "trl-bf16")
+
+
 def bench_overrides(args: argparse.Namespace, out_dir: str) -> list[str]:
     """The graft config of the benchmark; the TRL worker mirrors every value."""
     return [
@@ -49,9 +62,7 @@ def bench_overrides(args: argparse.Namespace, out_dir: str) -> list[str]:
         "checkpoint.every_n_steps=0",
         f"logging.output_dir={out_dir}",
         "logging.run_name=bench",
-        # graft-bf16: mixed precision: sampling from a bf16 copy of the merged policy, training under bf16
-        # autocast with float32 weights and Adam; compared with TRL's own bf16 mode (trl-bf16)
-        *(["generation.dtype=bfloat16", "train.autocast=bfloat16"] if args.worker == "graft-bf16" else []),
+        *GRAFT_VARIANTS.get(args.worker, ([], {}))[0],
         "logging.progress=lines",
         "logging.print_config=false",
     ]
@@ -227,7 +238,8 @@ def run_worker(framework: str, args: argparse.Namespace) -> dict:
     cmd = [sys.executable, "-m", "graft.bench", "--worker", framework]
     for key in ("steps", "warmup", "num_generations", "prompts_per_step", "max_new_tokens", "lora_r"):
         cmd += [f"--{key.replace('_', '-')}", str(getattr(args, key))]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "TQDM_DISABLE": "1"})
+    env = {**os.environ, "TQDM_DISABLE": "1", **GRAFT_VARIANTS.get(framework, ([], {}))[1]}
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if proc.returncode != 0:
         raise RuntimeError(f"{framework} worker failed:\n{proc.stderr[-3000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
@@ -257,8 +269,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--frameworks",
         default="graft,trl",
-        help="comma-separated: graft, trl, and the mixed-precision modes graft-bf16 (bf16 sampling copy + "
-        "bf16 autocast training) and trl-bf16 (GRPOConfig(bf16=True))",
+        help="comma-separated: graft, trl, the mixed-precision modes graft-bf16 (bf16 sampling copy + "
+        "bf16 autocast training) and trl-bf16 (GRPOConfig(bf16=True)), and graft with one fast path off: "
+        "graft-unpacked (no oneDNN packing), graft-noreplay (a second forward), graft-hf (transformers sampling)",
     )
     parser.add_argument("--rounds", type=int, default=2, help="alternating subprocess runs per framework")
     parser.add_argument("--steps", type=int, default=2, help="measured steps per run")
@@ -272,13 +285,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     if args.worker:
-        workers = {
-            "graft": worker_graft,
-            "graft-bf16": worker_graft,
-            "trl": worker_trl,
-            "trl-bf16": worker_trl,
-        }
-        result = workers[args.worker](args)
+        worker = worker_graft if args.worker in GRAFT_VARIANTS else worker_trl
+        result = worker(args)
         print(json.dumps(result))
         return 0
 
@@ -287,6 +295,19 @@ def main(argv: list[str] | None = None) -> int:
 
     console = Console(width=max(Console().width, 110))  # the table must not be cut in CI logs
     frameworks = [f.strip() for f in args.frameworks.split(",") if f.strip()]
+    unknown = [f for f in frameworks if f not in (*GRAFT_VARIANTS, "trl", "trl-bf16")]
+    if unknown:
+        console.print(
+            f"[red]unknown --frameworks {unknown}[/red]; known: {', '.join(GRAFT_VARIANTS)}, trl, trl-bf16"
+        )
+        return 2
+    from graft.cpu.probe import probe
+
+    machine = probe()
+    console.print(f"machine: {machine.summary()}; {os.cpu_count()} cores")
+    if not machine.has("bfloat16") and any(f in BF16_WORKERS for f in frameworks):
+        console.print(f"[yellow]skipping {', '.join(BF16_WORKERS)}[/yellow]: {machine.missing('bfloat16')}")
+        frameworks = [f for f in frameworks if f not in BF16_WORKERS]
     if any(f.startswith("trl") for f in frameworks):
         try:
             import trl  # noqa: F401
@@ -355,6 +376,13 @@ def main(argv: list[str] | None = None) -> int:
                 f"{framework} replays the rollout's forward in its update (train.replay): it executes "
                 f"~{replayed_gflop:.0f} GFLOP of those, {s['executed_fraction_of_peak']:.1%} of the peak"
             )
+    for variant in GRAFT_VARIANTS:
+        if variant not in ("graft", "graft-bf16") and variant in summary and "graft" in summary:
+            gain = summary["graft"]["tokens_per_s"] / summary[variant]["tokens_per_s"]
+            console.print(
+                f"graft / {variant}: {gain:.2f}x completion tokens/s (what that fast path buys here)"
+            )
+            summary[f"gain_over_{variant}"] = gain
     if "graft" in summary and "trl" in summary:
         ratio = summary["graft"]["tokens_per_s"] / summary["trl"]["tokens_per_s"]
         rss = summary["graft"]["peak_rss_mb"] / summary["trl"]["peak_rss_mb"]
@@ -368,7 +396,10 @@ def main(argv: list[str] | None = None) -> int:
         summary["ratio_bf16_tokens_per_s"] = ratio
     if args.json:
         Path(args.json).write_text(
-            json.dumps({"summary": summary, "raw": raw, "gflop": gflop, "peak": peak}, indent=2)
+            json.dumps(
+                {"summary": summary, "raw": raw, "gflop": gflop, "peak": peak, "machine": machine.to_dict()},
+                indent=2,
+            )
         )
     return 0
 

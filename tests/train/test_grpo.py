@@ -7,6 +7,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from conftest import needs_cpu
 from graft.config import load_config
 from graft.rewards import builtin
 from graft.rollout.sampler import sample
@@ -87,30 +88,37 @@ def test_train_fills_the_run_directory(tiny_model_dir, tmp_path):
     assert (run / "final" / "tokenizer.json").is_file()
 
 
+VARIANTS = [
+    ["grpo.beta=0.1"],  # reference = base model with the adapter switched off
+    ["grpo.beta=0.1", "lora.enabled=false"],  # full fine-tuning: a frozen copy is the reference
+    ["grpo.num_iterations=2", "grpo.importance_sampling_level=sequence", "grpo.epsilon_high=0.28"],
+    ["grpo.num_minibatches=2", "grpo.loss_type=grpo", "train.lr_scheduler=cosine"],
+    ["grpo.loss_type=dr_grpo", "grpo.scale_rewards=batch", "generation.top_p=0.9"],
+    ["grpo.loss_type=bnpo", "grpo.scale_rewards=none", "grpo.delta=2.0"],
+    ["generation.dtype=bfloat16"],  # sampling from a bf16 copy of the merged policy
+    ["generation.dtype=bfloat16", "lora.enabled=false"],
+    ["generation.pack_weights=false"],  # sampling from the transformers model, LoRA merged
+    ["generation.pack_weights=false", "lora.enabled=false", "train.deterministic=true"],
+    ["generation.dtype=bfloat16", "generation.pack_weights=false"],  # a plain bf16 copy
+    ["train.autocast=bfloat16", "grpo.beta=0.1", "grpo.num_iterations=2"],  # mixed-precision training
+    ["train.autocast=bfloat16", "lora.enabled=false"],
+    ["train.micro_batch_size=8"],  # the whole batch in one pass: the update replays the rollout's forward
+    ["train.micro_batch_size=8", "grpo.beta=0.1", "grpo.loss_type=grpo"],  # replayed, with a KL term
+    [
+        "train.micro_batch_size=8",
+        "generation.dtype=bfloat16",
+        "train.autocast=bfloat16",
+    ],  # replayed in bf16
+    ["train.micro_batch_size=8", "grpo.beta=0.1", "generation.max_new_tokens=1"],  # no decode step
+]
+
+
 @pytest.mark.parametrize(
     "overrides",
+    # bfloat16 runs are refused where the CPU has no bf16 kernels (graft.cpu.plan): skipped there, with why
     [
-        ["grpo.beta=0.1"],  # reference = base model with the adapter switched off
-        ["grpo.beta=0.1", "lora.enabled=false"],  # full fine-tuning: a frozen copy is the reference
-        ["grpo.num_iterations=2", "grpo.importance_sampling_level=sequence", "grpo.epsilon_high=0.28"],
-        ["grpo.num_minibatches=2", "grpo.loss_type=grpo", "train.lr_scheduler=cosine"],
-        ["grpo.loss_type=dr_grpo", "grpo.scale_rewards=batch", "generation.top_p=0.9"],
-        ["grpo.loss_type=bnpo", "grpo.scale_rewards=none", "grpo.delta=2.0"],
-        ["generation.dtype=bfloat16"],  # sampling from a bf16 copy of the merged policy
-        ["generation.dtype=bfloat16", "lora.enabled=false"],
-        ["generation.pack_weights=false"],  # sampling from the transformers model, LoRA merged
-        ["generation.pack_weights=false", "lora.enabled=false", "train.deterministic=true"],
-        ["generation.dtype=bfloat16", "generation.pack_weights=false"],  # a plain bf16 copy
-        ["train.autocast=bfloat16", "grpo.beta=0.1", "grpo.num_iterations=2"],  # mixed-precision training
-        ["train.autocast=bfloat16", "lora.enabled=false"],
-        ["train.micro_batch_size=8"],  # the whole batch in one pass: the update replays the rollout's forward
-        ["train.micro_batch_size=8", "grpo.beta=0.1", "grpo.loss_type=grpo"],  # replayed, with a KL term
-        [
-            "train.micro_batch_size=8",
-            "generation.dtype=bfloat16",
-            "train.autocast=bfloat16",
-        ],  # replayed in bf16
-        ["train.micro_batch_size=8", "grpo.beta=0.1", "generation.max_new_tokens=1"],  # no decode step
+        pytest.param(o, marks=needs_cpu("bfloat16")) if any("bfloat16" in x for x in o) else o
+        for o in VARIANTS
     ],
 )
 def test_algorithm_variants_train(tiny_model_dir, tmp_path, overrides):
