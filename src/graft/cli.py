@@ -45,12 +45,8 @@ def cmd_validate(args: argparse.Namespace, console: Console) -> int:
     checked = validate_or_raise(cfg)
     memory = checked.memory
     console.print("[green]config OK[/green]" + (f"; memory estimate: {memory.describe()}" if memory else ""))
-    if checked.paths is not None:
-        from graft.cpu.probe import probe
-
-        if checked.paths.device == "cpu":
-            console.print(f"cpu: {escape(probe().summary())}")
-        console.print(f"paths: {escape(checked.paths.describe())}")
+    for line in checked.paths.report_lines() if checked.paths else []:
+        console.print(escape(line))
     return 0
 
 

@@ -371,8 +371,8 @@ class SamplingCopy:
     - pack=True (CPU): linear weights are packed for oneDNN (PackedLinear: dense in and out), which
       decodes a batch of 16 ~2-3x faster per layer than F.linear (greedy tokens equal, log-probs within
       ~1e-5 on the built-in model) where the CPU probe (graft.cpu.probe) says this dtype packs; elsewhere
-      the same copy runs F.linear (`unpacked_because` says why). Llama-shaped models (graft.rollout.decoder) then sample through
-      graft's own forward with fused projections, which between rollouts keeps only what no update
+      the same copy runs F.linear (`unpacked_because` says why). Llama-shaped models
+      (graft.rollout.decoder) then sample through graft's own forward with fused projections, which between rollouts keeps only what no update
       changes (under LoRA: the LM head); other models keep the transformers modules with each nn.Linear
       swapped for a PackedLinear, a whole copy kept between rollouts (own_decoder=False forces that);
     - dtype=bfloat16: half the bytes per decode step while training keeps its precision; the samples then

@@ -29,6 +29,11 @@ class FastPaths:
     why: dict[str, str] = field(default_factory=dict)  # path -> why it is on or off
     problems: list[str] = field(default_factory=list)  # settings this machine cannot run, each with its fix
 
+    def report_lines(self) -> list[str]:
+        """What a run prints at start: the CPU's answer to the probe (on a CPU) and the paths taken."""
+        cpu = [f"cpu: {probe().summary()}"] if self.device == "cpu" else []
+        return [*cpu, f"paths: {self.describe()}"]
+
     def describe(self) -> str:
         """One line for the start of a run and for `graft doctor`."""
         on = []

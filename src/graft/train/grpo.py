@@ -19,7 +19,6 @@ from rich.markup import escape
 
 from graft import algo
 from graft.config import Config
-from graft.cpu.probe import probe
 from graft.evaluation import decode_completions, encode_prompts, evaluate
 from graft.health import HealthMonitor
 from graft.models import (
@@ -339,10 +338,8 @@ def train(cfg: Config, console=None, stop_after: int | None = None) -> Path:
     display = ProgressDisplay(cfg.train.max_steps, cfg.logging.progress, console)
     if memory is not None:
         display.print(f"memory estimate: {memory.describe()}")
-    if checked.paths is not None:
-        if checked.paths.device == "cpu":
-            display.print(f"cpu: {escape(probe().summary())}")
-        display.print(f"paths: {escape(checked.paths.describe())}")
+    for line in checked.paths.report_lines() if checked.paths else []:
+        display.print(escape(line))
     state = load_trainer_state(resume_from) if resume_from else None
     if state is not None:
         saved_seed = state["trainer_state"]["config"]["train"]["seed"]
