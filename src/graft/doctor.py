@@ -45,13 +45,10 @@ OPTIONAL = {  # package: what it enables
 def _model_config(cfg):
     """The recipe's transformers config when it is on disk already (a cached built-in or a local folder);
     None rather than converting or downloading anything."""
-    from graft.models import BUILTIN_PREFIX, default_cache_dir
+    from graft.models import BUILTIN_PREFIX, builtin_cache_folder
 
     name = cfg.model.name
-    if name.startswith(BUILTIN_PREFIX):
-        folder = Path(cfg.model.cache_dir or default_cache_dir() / "models") / name[len(BUILTIN_PREFIX) :]
-    else:
-        folder = Path(name).expanduser()
+    folder = builtin_cache_folder(cfg.model) if name.startswith(BUILTIN_PREFIX) else Path(name).expanduser()
     if not (folder / "config.json").is_file():
         return None
     from transformers import AutoConfig

@@ -121,6 +121,12 @@ def model_location_problem(name: str) -> str | None:
     return None
 
 
+def builtin_cache_folder(cfg: ModelConfig) -> Path:
+    """Where the built-in model `cfg.name` is (or will be) kept as safetensors."""
+    root = Path(cfg.cache_dir).expanduser() if cfg.cache_dir else default_cache_dir()
+    return root / "models" / cfg.name[len(BUILTIN_PREFIX) :]
+
+
 def resolve_model_path(cfg: ModelConfig) -> str:
     """Turn model.name into something `from_pretrained` takes: a cached folder for built-ins, else as given."""
     if not cfg.name.startswith(BUILTIN_PREFIX):
@@ -129,8 +135,7 @@ def resolve_model_path(cfg: ModelConfig) -> str:
     if key not in BUILTIN_MODELS:
         raise ModelError(model_location_problem(cfg.name))
     spec = BUILTIN_MODELS[key]
-    target = Path(cfg.cache_dir).expanduser() if cfg.cache_dir else default_cache_dir()
-    target = target / "models" / key
+    target = builtin_cache_folder(cfg)
     if not (target / "config.json").is_file():
         gguf = _find_gguf(spec)
         print(f"graft: converting built-in model {key} ({gguf.name}) to safetensors in {target} (once)")

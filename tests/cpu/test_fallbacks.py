@@ -98,3 +98,13 @@ def test_doctor_reports_the_features_and_the_paths_with_their_reasons(cpu_withou
     assert paths["recipe"] == "bf16 recipe" and paths["device"] == "cpu"
     assert bool(paths["problems"]) == (not probe().has("bfloat16"))
     assert data["optional"]["math-verify"]["for"].startswith("the math_equivalence reward")
+
+
+def test_doctor_finds_the_model_shape_only_where_it_is_on_disk(tiny_model_dir, tmp_path):
+    """A local folder's config decides the decoder path; a built-in not yet converted is left unknown
+    (doctor never converts or downloads), under model.cache_dir as everywhere else."""
+    here = report(load_config(None, [f"model.name={tiny_model_dir}"]))["fast_paths"]
+    assert here["why"]["graft decoder"] == "on"
+    empty_cache = report(load_config(None, [f"model.cache_dir={tmp_path}"]))["fast_paths"]
+    assert empty_cache["why"]["graft decoder"].startswith("unknown")
+    assert not (tmp_path / "models").exists()

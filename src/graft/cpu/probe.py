@@ -179,14 +179,13 @@ def probe() -> CpuCapabilities:
         if problem is not None:
             why[feature] = problem
 
-    decide("packed_float32", None if mkldnn else "this torch is built without oneDNN")
-    if supported["packed_float32"]:
-        decide("packed_float32", _packed_linear_works(torch.float32))
+    no_onednn = "this torch is built without oneDNN"
+    decide("packed_float32", _packed_linear_works(torch.float32) if mkldnn else no_onednn)
     for feature, dtype, routes in (
         ("bfloat16", torch.bfloat16, "AVX512-BW/VL/DQ, AVX512-BF16, AMX or AVX-NE-CONVERT"),
         ("float16", torch.float16, "AVX512-FP16, AMX-FP16 or AVX-NE-CONVERT"),
     ):
-        problem = None if mkldnn else "this torch is built without oneDNN"
+        problem = None if mkldnn else no_onednn
         if problem is None and not _half_products_native(dtype):
             problem = f"oneDNN has no {feature} kernels for this CPU"
         if problem is None:
