@@ -377,8 +377,9 @@ class SamplingCopy:
       decodes a batch of 16 ~2-3x faster per layer than F.linear (greedy tokens equal, log-probs within
       ~1e-5 on the built-in model) where the CPU probe (graft.cpu.probe) says this dtype packs; elsewhere
       the same copy runs F.linear (`unpacked_because` says why). Llama-shaped models
-      (graft.rollout.decoder) then sample through graft's own forward with fused projections, which between rollouts keeps only what no update
-      changes (under LoRA: the LM head); other models keep the transformers modules with each nn.Linear
+      (graft.rollout.decoder) then sample through graft's own forward with fused projections, which
+      between rollouts keeps only what no update changes (under LoRA: the LM head); other models keep
+      the transformers modules with each nn.Linear
       swapped for a PackedLinear, a whole copy kept between rollouts (own_decoder=False forces that);
     - dtype=bfloat16: half the bytes per decode step while training keeps its precision; the samples then
       come from the policy rounded to bfloat16, the trade of sampling with a bf16 inference engine.

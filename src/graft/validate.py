@@ -69,8 +69,9 @@ def available_memory(device: torch.device) -> int | None:
 
 
 def estimate_memory(
-    cfg: Config, config, n_params: int, linears: dict, device: torch.device
+    cfg: Config, config, n_params: int, linears: dict, device: torch.device, paths: FastPaths
 ) -> MemoryEstimate:
+    """`paths`: the run's plan (graft.cpu.plan) for this model config: which copies and recordings exist."""
     from graft.models import resolve_dtype
 
     dtype_bytes = torch.finfo(resolve_dtype(cfg.model.dtype, device)).bits // 8
@@ -88,7 +89,6 @@ def estimate_memory(
 
     parts = {"weights": n_params * dtype_bytes}
     # the rollout's own copy of the policy (graft.models.SamplingCopy) replaces the merged-layer copy
-    paths = plan_fast_paths(cfg, device, config)
     sampling_copy = paths.sampling_copy
     copy_bytes = torch.finfo(paths.sampling_dtype).bits // 8
     linear_params = sum(i * o for i, o in linears.values())
@@ -247,7 +247,7 @@ def _check(cfg: Config, estimate: bool = True) -> Checked:
         paths = plan_fast_paths(cfg, device, config)
         problems.extend(paths.problems)
     if config is not None:
-        est = estimate_memory(cfg, config, n_params, linears, device)
+        est = estimate_memory(cfg, config, n_params, linears, device, paths)
         if est.available and est.total > 0.95 * est.available:
             problems.append(f"not enough memory: a step needs {est.describe()}; {_memory_advice(est, cfg)}")
         free = shutil.disk_usage(out).free
