@@ -28,7 +28,7 @@ def layer_shapes(config) -> list[tuple[int, int]]:
 
 def decode_step(linears, rows: int, d: int, attention: int):
     """One decode step's products as graft's decoder calls them (post-ops fused: the residual adds, the
-    gate's SiLU and the gating product), on graft.models.PackedLinear or the fallback PlainLinear."""
+    gate's SiLU and the gating product), on graft.cpu.packed.PackedLinear or the fallback PlainLinear."""
     x, att, h = torch.randn(rows, 1, d), torch.randn(rows, 1, attention), torch.randn(rows, 1, d)
     layers = [linears[i : i + 5] for i in range(0, len(linears) - 1, 5)]
 
@@ -51,9 +51,9 @@ def main() -> None:
     from transformers import AutoConfig
 
     from graft.config import ModelConfig
+    from graft.cpu.packed import PackedLinear, PlainLinear
     from graft.cpu.probe import probe
-    from graft.models import PackedLinear, resolve_model_path
-    from graft.rollout.decoder import PlainLinear
+    from graft.models import resolve_model_path
 
     config = AutoConfig.from_pretrained(resolve_model_path(ModelConfig()))
     shapes = layer_shapes(config)
@@ -61,7 +61,7 @@ def main() -> None:
     gbytes = sum(w.numel() for w in weights) * 4 / 1e9
     print(f"machine: {probe().summary()}; {torch.get_num_threads()} threads")
     print(f"{len(shapes)} products per decode step, {gbytes:.2f} GB of float32 weights, {args.rows} rows")
-    kinds = {"F.linear": lambda w: PlainLinear(w, None)}
+    kinds = {"F.linear": lambda w: PlainLinear(w, None, torch.float32)}
     if probe().has("packed_float32"):
         kinds["oneDNN packed"] = lambda w: PackedLinear(w, None, torch.float32)
     for name, make in kinds.items():

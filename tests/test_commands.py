@@ -12,7 +12,7 @@ import pytest
 from graft.cli import main
 from graft.config import load_config
 from graft.train.gate import GateError
-from graft.train.grpo import train
+from graft.train.loop import train
 
 pytestmark = pytest.mark.slow
 RECIPE = Path(__file__).parent.parent / "configs" / "arithmetic_sft.yaml"

@@ -75,8 +75,9 @@ COPY_KINDS = {"plain": {}, "packed": {"pack": True, "own_decoder": False}, "deco
 @pytest.mark.parametrize("lora", [True, False])
 def test_sampling_copy_follows_the_policy_after_each_update(tiny_model, lora, kind):
     from graft.config import LoraConfig
-    from graft.models import SamplingCopy, add_lora, merged_adapter
-    from graft.rollout.decoder import Decoder
+    from graft.cpu.decoder import Decoder
+    from graft.cpu.sampling import SamplingCopy
+    from graft.models import add_lora, merged_adapter
 
     policy = add_lora(tiny_model, LoraConfig(r=4), seed=0) if lora else tiny_model
     ids = torch.randint(3, 60, (2, 12))

@@ -7,7 +7,7 @@ import pytest
 
 from graft.cli import main
 from graft.config import load_config
-from graft.train.grpo import train
+from graft.train.loop import train
 
 
 @pytest.fixture(scope="module")

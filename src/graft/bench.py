@@ -78,7 +78,7 @@ def peak_rss_mb() -> float:
 def worker_graft(args: argparse.Namespace) -> dict:
     from graft.cli import _quiet_libraries
     from graft.config import load_config
-    from graft.train.grpo import train
+    from graft.train.loop import train
 
     _quiet_libraries()
     with tempfile.TemporaryDirectory() as out:

@@ -32,7 +32,7 @@ def _quiet_libraries() -> None:
 
 def cmd_train(args: argparse.Namespace, console: Console) -> int:
     cfg = load_config(args.config, args.overrides)
-    from graft.train.grpo import train
+    from graft.train.loop import train
 
     train(cfg, console=console)
     return 0
@@ -164,7 +164,7 @@ def main(argv: list[str] | None = None) -> int:
     from graft.rewards.runtime import RewardError
     from graft.train.checkpoint import CheckpointError
     from graft.train.gate import GateError
-    from graft.train.grpo import TrainingError, TrainingInterrupted
+    from graft.train.loop import TrainingError, TrainingInterrupted
     from graft.train.run import RunDirError
 
     try:

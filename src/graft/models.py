@@ -3,21 +3,18 @@
 from __future__ import annotations
 
 import contextlib
-import copy
 import importlib.metadata
 import os
 import re
 import shutil
 import tempfile
 import time
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from graft.config import LoraConfig, ModelConfig
-from graft.cpu.probe import packing_problem
 
 
 class ModelError(RuntimeError):
@@ -267,6 +264,41 @@ def stop_token_ids(model, tokenizer) -> list[int]:
     return sorted(ids)
 
 
+def base_linear(module) -> torch.nn.Linear | None:
+    """The plain nn.Linear a module computes with, a LoRA wrapper's base layer included; None when the
+    module (or the layer a wrapper holds) is anything else."""
+    base = module.get_base_layer() if hasattr(module, "get_base_layer") else module
+    return base if type(base) is torch.nn.Linear else None
+
+
+def lora_factors(layer) -> list[tuple[torch.nn.Parameter, torch.nn.Parameter, float]]:
+    """(A, B, scaling) of each active adapter of a LoRA layer whose delta is plain `scaling * B @ A` on an
+    nn.Linear (not DoRA, not fan-in-fan-out, not a conv or embedding adapter), in adapter order. An adapter
+    that is active but is not plain raises ValueError: callers that cannot handle it must check first
+    (lora_variant)."""
+    factors = []
+    for name in getattr(layer, "active_adapters", ()):
+        if name not in getattr(layer, "lora_A", {}):
+            continue
+        problem = lora_variant(layer, name)
+        if problem is not None:
+            raise ValueError(problem)
+        factors.append((layer.lora_A[name].weight, layer.lora_B[name].weight, layer.scaling[name]))
+    return factors
+
+
+def lora_variant(layer, name: str) -> str | None:
+    """Why adapter `name` of a LoRA layer is not a plain delta (DoRA, fan-in-fan-out, a non-linear
+    adapter); None when it is."""
+    if getattr(layer, "use_dora", {}).get(name, False):
+        return "DoRA"
+    if getattr(layer, "fan_in_fan_out", False):
+        return "fan_in_fan_out"
+    if not isinstance(layer.lora_A[name], torch.nn.Linear):
+        return f"a {type(layer.lora_A[name]).__name__} adapter"
+    return None
+
+
 def merged_weight(layer) -> torch.Tensor:
     """A LoRA layer's base weight with its active adapters' deltas added, as a new tensor. A plain LoRA
     delta is one addmm (base + scaling * B @ A, a single pass over the weight); DoRA and the other
@@ -276,10 +308,8 @@ def merged_weight(layer) -> torch.Tensor:
     for name in layer.active_adapters:
         if name not in layer.lora_A:
             continue
-        plain = (not getattr(layer, "use_dora", {}).get(name, False) and not getattr(layer, "fan_in_fan_out", False)
-                 and isinstance(layer.lora_A[name], torch.nn.Linear))  # fmt: skip
-        if plain and merged.dtype == layer.lora_A[name].weight.dtype:
-            B, A = layer.lora_B[name].weight.detach(), layer.lora_A[name].weight.detach()
+        A, B = layer.lora_A[name].weight.detach(), layer.lora_B[name].weight.detach()
+        if lora_variant(layer, name) is None and merged.dtype == A.dtype:
             merged = torch.addmm(merged, B, A, alpha=layer.scaling[name])
         else:
             merged = merged + layer.get_delta_weight(name).to(merged.dtype)
@@ -322,7 +352,7 @@ def merged_adapter(model, enabled: bool = True):
         yield model
         return
     layers = [m for m in model.modules() if isinstance(m, LoraLayer)]
-    if any(not isinstance(m.get_base_layer(), torch.nn.Linear) for m in layers):
+    if any(base_linear(m) is None for m in layers):
         yield model  # embedding/conv adapters: not worth a special path
         return
     originals = []
@@ -339,142 +369,6 @@ def merged_adapter(model, enabled: bool = True):
             base.weight = weight
 
 
-class PackedLinear(torch.nn.Module):
-    """An inference-only nn.Linear whose weight lives in oneDNN's blocked layout, packed once per refresh.
-
-    Dense tensors in and out (torch.ops.mkldnn._linear_pointwise, the op inductor's CPU freezing emits):
-    the older torch.utils.mkldnn modules convert every input to the oneDNN format and every output back,
-    which on a 16-row decode step cost more than the multiply. Measured on the 2-core benchmark machine,
-    batch 16: a (1536, 576) layer 80 us vs 258 us through F.linear; the 49k LM head 3.3 ms vs 16.7 ms.
-    """
-
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype):
-        super().__init__()
-        self.out_features, self.in_features = weight.shape
-        self.dtype, self.bias = dtype, None
-        self.pack(weight, bias)
-
-    def pack(self, weight: torch.Tensor, bias: torch.Tensor | None = None) -> None:
-        """Take new weights (and a new bias, when given; LoRA never changes one)."""
-        if bias is not None:
-            self.bias = bias.detach().to(self.dtype).clone()
-        # 16 = the decode batch the layout is tuned for; any batch size gives the same result
-        self.packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach().to(self.dtype), 16)
-
-    def forward(self, x: torch.Tensor, activation: str = "none") -> torch.Tensor:
-        """linear(x), with oneDNN's fused activation ("swish" = SiLU) when asked."""
-        return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, activation, [], "")
-
-    def binary(self, x: torch.Tensor, other: torch.Tensor, op: str) -> torch.Tensor:
-        """linear(x) * other (op "mul") or linear(x) + other ("add"), fused into the product."""
-        return torch.ops.mkldnn._linear_pointwise.binary(x, other, self.packed, self.bias, op)
-
-
-class SamplingCopy:
-    """A plain copy of the policy that the rollout samples from, refreshed before each rollout with the
-    current (LoRA-merged) weights. Two reasons to keep one:
-    - pack=True (CPU): linear weights are packed for oneDNN (PackedLinear: dense in and out), which
-      decodes a batch of 16 ~2-3x faster per layer than F.linear (greedy tokens equal, log-probs within
-      ~1e-5 on the built-in model) where the CPU probe (graft.cpu.probe) says this dtype packs; elsewhere
-      the same copy runs F.linear (`unpacked_because` says why). Llama-shaped models
-      (graft.rollout.decoder) then sample through graft's own forward with fused projections, which
-      between rollouts keeps only what no update changes (under LoRA: the LM head); other models keep
-      the transformers modules with each nn.Linear
-      swapped for a PackedLinear, a whole copy kept between rollouts (own_decoder=False forces that);
-    - dtype=bfloat16: half the bytes per decode step while training keeps its precision; the samples then
-      come from the policy rounded to bfloat16, the trade of sampling with a bf16 inference engine.
-    """
-
-    def __init__(self, policy, dtype: torch.dtype, pack: bool = False, own_decoder: bool = True):
-        from peft import PeftModel
-
-        from graft.rollout.decoder import Decoder, decoder_problem
-
-        self.dtype = dtype
-        self.is_peft = isinstance(policy, PeftModel)
-        self.packed: set[str] = set()  # module paths whose weights live in oneDNN's layout
-        self.adapted: set[str] | None = None  # weights each refresh changes (None: all)
-        plain = policy.get_base_model() if self.is_peft else policy
-        # pack=True asks for the CPU fast path; whether the weights are packed is the probe's answer
-        self.unpacked_because = packing_problem(dtype) if pack else None
-        if self.unpacked_because is not None:
-            warnings.warn(f"sampling from unpacked {dtype} weights: {self.unpacked_because}", stacklevel=2)
-        packable = pack and self.unpacked_because is None
-        with torch.no_grad():
-            try:
-                if pack and own_decoder and decoder_problem(plain) is None:  # graft's own forward
-                    self.model = Decoder(plain, merged_state(policy)[0], dtype, pack=packable)
-                    return
-                model = copy.deepcopy(policy)
-                model = model.merge_and_unload() if self.is_peft else model
-                self.model = model.to(dtype).eval().requires_grad_(False)
-                if packable:
-                    self._pack(self.model, "")
-            except (AttributeError, RuntimeError, NotImplementedError) as exc:  # a kernel the probe missed
-                if not packable:
-                    raise
-                raise ModelError(f"generation.pack_weights: this torch cannot pack weights ({exc}); "
-                                 "set generation.pack_weights=false") from exc  # fmt: skip
-
-    @contextlib.contextmanager
-    def sampling(self, policy, recording=None):
-        """The copy with the policy's current weights, for one rollout; with a `recording`
-        (graft.rollout.decoder.Recording, graft's decoder only) its forward calls are kept in it. Afterwards
-        graft's decoder drops the packed weights that the next refresh rebuilds anyway (the adapted layers),
-        so the training pass reuses that memory instead of adding to it."""
-        model = self.refresh(policy)
-        decoder = not isinstance(model, torch.nn.Module)
-        if recording is not None and not decoder:
-            raise ValueError("only graft's own decoder records its forward (see graft.train.replay)")
-        if recording is not None:
-            model.recording = recording
-        try:
-            yield model
-        finally:
-            if decoder:
-                model.recording = None
-                model.release(self.adapted)
-
-    def _pack(self, module: torch.nn.Module, prefix: str) -> None:
-        for name, child in module.named_children():
-            if type(child) is torch.nn.Linear:
-                setattr(module, name, PackedLinear(child.weight, child.bias, self.dtype))
-                self.packed.add(prefix + name)
-            else:
-                self._pack(child, f"{prefix}{name}.")
-
-    def _set_weight(self, path: str, weight: torch.Tensor, bias: torch.Tensor | None = None) -> None:
-        target = self.model.get_submodule(path)
-        if path in self.packed:
-            target.pack(weight, bias)
-        else:
-            target.weight.copy_(weight)
-
-    def refresh(self, policy):
-        """Copy the policy's current weights in (only the LoRA-adapted layers change under LoRA)."""
-        from peft.tuners.lora import LoraLayer
-
-        if not isinstance(self.model, torch.nn.Module):  # graft's Decoder: re-fuse and re-pack what changed
-            with torch.no_grad():
-                state, self.adapted = merged_state(policy)
-                self.model.load(state, self.adapted)
-            return self.model
-        with torch.no_grad():
-            if not self.is_peft:  # full fine-tuning: everything may have moved (a tied head included)
-                for path, module in policy.named_modules():
-                    if path in self.packed:
-                        self._set_weight(path, module.weight, module.bias)
-                for name, param in policy.named_parameters():
-                    if name.rpartition(".")[0] not in self.packed:
-                        self.model.get_parameter(name).copy_(param)
-                return self.model
-            prefix = "base_model.model."
-            for name, layer in policy.named_modules():
-                if isinstance(layer, LoraLayer) and name.startswith(prefix):
-                    self._set_weight(name[len(prefix) :], merged_weight(layer))
-        return self.model
-
-
 def split_lm_head(model) -> tuple[torch.nn.Module, torch.nn.Module]:
     """(transformer body returning hidden states, LM head) of a causal LM, PEFT-wrapped or not, so the
     training pass can fuse the head with the log-softmax instead of materialising all logits."""
@@ -488,4 +382,4 @@ def plain_linear_head(head: torch.nn.Module, config) -> bool:
         getattr(config, key, None) not in (None, 1.0)
         for key in ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale")
     )
-    return type(head) is torch.nn.Linear and head.bias is None and not scaled
+    return base_linear(head) is head and head.bias is None and not scaled

@@ -88,7 +88,7 @@ def estimate_memory(
     micro = min(cfg.train.micro_batch_size, batch)
 
     parts = {"weights": n_params * dtype_bytes}
-    # the rollout's own copy of the policy (graft.models.SamplingCopy) replaces the merged-layer copy
+    # the rollout's own copy of the policy (graft.cpu.sampling.SamplingCopy) replaces the merged-layer copy
     sampling_copy = paths.sampling_copy
     copy_bytes = torch.finfo(paths.sampling_dtype).bits // 8
     linear_params = sum(i * o for i, o in linears.values())
@@ -109,7 +109,7 @@ def estimate_memory(
     # activations kept for backward per token and layer: attention and MLP inputs (~6 hidden + 3 ffn)
     parts["activations"] = micro_tokens * layers * (6 * hidden + 3 * ffn) * max(dtype_bytes, 2)
     own_decoder, replays = paths.own_decoder, paths.replay
-    if replays:  # graft.train.replay: the rollout records each layer's product inputs for the whole batch
+    if replays:  # graft.cpu.replay: the rollout records each layer's product inputs for the whole batch
         # in the sampling copy's dtype: bf16 in the mixed pair
         parts["activations"] = micro_tokens * layers * (5 * hidden + 2 * kv_dim + 2 * ffn) * copy_bytes
     if sampling_copy:

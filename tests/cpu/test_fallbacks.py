@@ -9,12 +9,14 @@ import torch
 
 from conftest import build_tiny_model
 from graft.config import ConfigError, LoraConfig, load_config
+from graft.cpu.decoder import Decoder
+from graft.cpu.packed import PlainLinear
 from graft.cpu.probe import FORCE_ENV, probe
+from graft.cpu.sampling import SamplingCopy
 from graft.doctor import report
-from graft.models import SamplingCopy, add_lora, merged_adapter
-from graft.rollout.decoder import Decoder, PlainLinear
+from graft.models import add_lora, merged_adapter
 from graft.rollout.sampler import sample
-from graft.train.grpo import train
+from graft.train.loop import train
 
 VOCAB = 70
 PROMPTS = [[1, 33, 31, 17, 6, 65, 7], [1, 40, 8], [1, 20, 21, 22, 23]]

@@ -56,8 +56,8 @@ def test_packed_sampling_copy_decodes_like_the_model(builtin_model, prompts):
     """generation.pack_weights (on by default on CPU; graft's own decoder for this Llama-shaped model):
     the same greedy tokens, and sampled log-probs that match the training pass as closely as the
     transformers sampler's do."""
-    from graft.models import SamplingCopy
-    from graft.rollout.decoder import Decoder
+    from graft.cpu.decoder import Decoder
+    from graft.cpu.sampling import SamplingCopy
 
     model, tokenizer = builtin_model
     packed = SamplingCopy(model, torch.float32, pack=True).refresh(model)

@@ -8,10 +8,12 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import needs_cpu
+from graft.batch import ScoredBatch
 from graft.config import load_config
 from graft.rewards import builtin
 from graft.rollout.sampler import sample
-from graft.train.grpo import ScoredBatch, train, update_policy
+from graft.train.grpo import update_policy
+from graft.train.loop import train
 
 
 def digit_share(prompts, completions, **_):

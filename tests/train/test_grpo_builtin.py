@@ -6,7 +6,7 @@ import pytest
 from safetensors.torch import load_file
 
 from graft.config import load_config
-from graft.train.grpo import train
+from graft.train.loop import train
 
 
 @pytest.mark.slow

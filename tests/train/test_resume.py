@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 
 from graft.config import load_config
 from graft.rewards import builtin
-from graft.train.grpo import TrainingInterrupted, train
+from graft.train.loop import TrainingInterrupted, train
 
 # timing metrics differ between any two runs; everything else must match bit for bit
 TIMING = ("tokens_per_s", "time/step", "time/rollout", "time/reward", "time/train")
@@ -118,7 +118,7 @@ def test_nonfinite_updates_are_skipped_then_the_run_stops(tiny_model_dir, tmp_pa
     cfg = resume_config(tiny_model_dir, tmp_path, "nan", "rewards.functions=[absurd_scale]",
                         "grpo.scale_rewards=none", "train.max_nonfinite_steps=2",
                         "checkpoint.every_n_steps=1")  # fmt: skip
-    from graft.train.grpo import TrainingError
+    from graft.train.loop import TrainingError
 
     with pytest.raises(TrainingError) as err:
         train(cfg)
@@ -138,7 +138,7 @@ import sys, time, torch
 sys.path.insert(0, {tests!r})
 from conftest import build_tiny_model  # noqa: F401  (keeps the test tree importable)
 from graft.config import load_config
-from graft.train.grpo import train
+from graft.train.loop import train
 import graft.train.checkpoint as checkpoint
 
 slow_step = {slow_step}
@@ -219,10 +219,10 @@ def test_signal_ends_the_step_writes_a_checkpoint_and_says_how_to_resume(tiny_mo
 
 DISK_SCRIPT = """
 import resource, signal, sys
-import graft.train.grpo as grpo
+import graft.train.loop as loop
 from graft.cli import main
 
-real_save = grpo.save_checkpoint
+real_save = loop.save_checkpoint
 
 def save_then_fill_the_disk(directory, step, **kw):
     if step == 2:  # from the second checkpoint on, files may not grow past 8 KB: writes fail like a full disk
@@ -230,7 +230,7 @@ def save_then_fill_the_disk(directory, step, **kw):
         resource.setrlimit(resource.RLIMIT_FSIZE, (8192, 8192))
     return real_save(directory, step, **kw)
 
-grpo.save_checkpoint = save_then_fill_the_disk
+loop.save_checkpoint = save_then_fill_the_disk
 sys.exit(main(["train", *{overrides!r}]))
 """
 

@@ -91,7 +91,7 @@ def test_full_sft_learns_the_demonstrations(tiny_model_dir, tmp_path):
 
 def test_grpo_starts_from_an_sft_adapter(tiny_model_dir, tmp_path):
     from graft.models import load_model
-    from graft.train.grpo import train
+    from graft.train.loop import train
 
     cfg = sft_config(tiny_model_dir, tmp_path, "sft.max_steps=4")
     final = run_sft(cfg, build_task(cfg.task), tmp_path / "warmup")

@@ -3,9 +3,17 @@ B completions in the batch, T completion positions, G completions per group."""
 
 from graft.algo.advantages import group_advantages
 from graft.algo.logprobs import linear_token_logprobs, token_logprobs
-from graft.algo.losses import aggregate_loss, clipped_surrogate, importance_log_ratio, k3_kl, policy_loss
+from graft.algo.losses import (
+    PolicyLossOutput,
+    aggregate_loss,
+    clipped_surrogate,
+    importance_log_ratio,
+    k3_kl,
+    policy_loss,
+)
 
 __all__ = [
+    "PolicyLossOutput",
     "aggregate_loss",
     "clipped_surrogate",
     "group_advantages",

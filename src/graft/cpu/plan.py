@@ -1,8 +1,9 @@
 """Which fast paths a run takes on this machine, decided once from the config and the CPU probe.
 
 `graft validate` (memory estimate, refusals before loading), `graft train` (what it builds, the line it
-prints at start) and `graft doctor` all read the same plan, so they cannot disagree. What depends on the
-loaded model itself (which LoRA layers exist) is checked once more by graft.train.replay.replay_problem.
+prints at start) and `graft doctor` all read the same plan, so they cannot disagree. Before loading it
+answers from the config (and the model's config where it is on disk); `graft train` asks again with the
+loaded model, which adds what only the model shows (its module layout, which layers carry LoRA).
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ class FastPaths:
     device: str
     policy_dtype: torch.dtype  # the trained weights
     sampling_dtype: torch.dtype  # the weights the rollout samples from
-    sampling_copy: bool  # the rollout samples from its own copy of the policy (graft.models.SamplingCopy)
+    sampling_copy: bool  # the rollout samples from its own copy of the policy (graft.cpu.sampling)
     pack: bool  # that copy's products run on oneDNN-packed weights
     own_decoder: bool | None  # graft's Llama-family decoder (None: the model's shape is not known yet)
     replay: bool | None  # the update replays the rollout's forward (None: depends on the model)
@@ -63,7 +64,7 @@ def replay_config_problem(
     cfg: Config, policy_dtype, sampling_dtype, own_decoder: bool, lora: bool
 ) -> str | None:
     """Why a run with this config cannot replay the rollout's forward in its update; None when it can
-    (the model-level part, which LoRA layers exist, is graft.train.replay.replay_problem's)."""
+    (the model-level part, which LoRA layers exist, is graft.cpu.replay.replay_model_problem's)."""
     g, t = cfg.grpo, cfg.train
     batch = t.prompts_per_step * g.num_generations
     if not t.replay:
@@ -88,14 +89,18 @@ def replay_config_problem(
 
 
 def plan_fast_paths(
-    cfg: Config, device: torch.device, model_config=None, caps: CpuCapabilities | None = None
+    cfg: Config, device: torch.device, model_config=None, caps: CpuCapabilities | None = None, model=None
 ) -> FastPaths:
     """The paths this run takes. `model_config` (a transformers config) says whether graft's decoder fits
-    the model; without it own_decoder and replay are None (unknown) where they depend on it."""
-    from graft.rollout.decoder import config_problem
+    the model; without it own_decoder and replay are None (unknown) where they depend on it. `model`, the
+    loaded policy (LoRA added), also settles what its modules decide; its dtype is then the policy's."""
+    from graft.cpu.decoder import config_problem, decoder_problem
+    from graft.cpu.replay import replay_model_problem
 
     gen, t = cfg.generation, cfg.train
-    policy_dtype = _resolve(cfg.model.dtype, device, torch.float32)
+    if model is not None:
+        model_config = model.config
+    policy_dtype = model.dtype if model is not None else _resolve(cfg.model.dtype, device, torch.float32)
     sampling_dtype = _resolve(gen.dtype, device, policy_dtype)
     why, problems = {}, []
     cpu = device.type == "cpu"
@@ -124,11 +129,15 @@ def plan_fast_paths(
         why["graft decoder"] = "off: CPU runs with generation.pack_weights only"
     elif model_config is not None:
         problem = config_problem(model_config)
+        if problem is None and model is not None:
+            problem = decoder_problem(model.get_base_model() if hasattr(model, "get_base_model") else model)
         own_decoder = problem is None
         why["graft decoder"] = "on" if own_decoder else f"off: {problem}"
     replay = None
     if own_decoder is not None:
         problem = replay_config_problem(cfg, policy_dtype, sampling_dtype, own_decoder, cfg.lora.enabled)
+        if problem is None and model is not None:
+            problem = replay_model_problem(model)
         replay = problem is None
         why["replayed update"] = "on" if replay else f"off: {problem}"
     return FastPaths(device.type, policy_dtype, sampling_dtype, sampling_copy, pack, own_decoder, replay, why,

@@ -4,40 +4,18 @@ import math
 import re
 from collections.abc import Callable
 
+from graft.text import completion_text, extract_last_integer, extract_last_number
+
 RewardFn = Callable[..., list[float | None]]
-
-# A number not glued to a preceding letter or digit; thousands separators ("1,234") and decimals allowed.
-_NUMBER = re.compile(r"(?<![\w.])-?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?(?!\d)")
-
-
-def extract_last_integer(text: str) -> int | None:
-    """The last number in the text if it is an integer ('42', '1,234', '42.0'), else None ('3.5')."""
-    matches = _NUMBER.findall(text)
-    if not matches:
-        return None
-    whole, _, frac = matches[-1].replace(",", "").partition(".")
-    if frac.strip("0"):
-        return None
-    return int(whole)
 
 
 def last_integer(prompts: list, completions: list[str], answer: list[str], **_columns) -> list[float]:
     """1.0 when the last integer in the completion equals the gold answer, else 0.0."""
     rewards = []
     for completion, gold in zip(completions, answer, strict=True):
-        got = extract_last_integer(_text(completion))
+        got = extract_last_integer(completion_text(completion))
         rewards.append(1.0 if got is not None and str(got) == str(gold).strip() else 0.0)
     return rewards
-
-
-def _text(completion) -> str:
-    """Plain text of a completion given as a string or as chat messages (TRL's conversational form)."""
-    return completion if isinstance(completion, str) else completion[-1]["content"]
-
-
-def extract_last_number(text: str) -> float | None:
-    matches = _NUMBER.findall(text.replace("$", ""))
-    return float(matches[-1].replace(",", "")) if matches else None
 
 
 def _number(gold) -> float | None:
@@ -54,7 +32,7 @@ def gsm8k_strict(prompts, completions, answer, **_columns) -> list[float]:
     """1.0 when the completion states '#### <number>' (GSM8K's own answer format) and the number is right."""
     out = []
     for completion, gold in zip(completions, answer, strict=True):
-        found = _GSM8K_STRICT.search(_text(completion))
+        found = _GSM8K_STRICT.search(completion_text(completion))
         got = _number(found.group(1).rstrip(".")) if found else None
         out.append(1.0 if got is not None and got == _number(gold) else 0.0)
     return out
@@ -64,7 +42,7 @@ def gsm8k_flexible(prompts, completions, answer, **_columns) -> list[float]:
     """1.0 when the last number in the completion equals the gold number ('$1,200.00' reads as 1200)."""
     out = []
     for completion, gold in zip(completions, answer, strict=True):
-        got = extract_last_number(_text(completion))
+        got = extract_last_number(completion_text(completion))
         out.append(1.0 if got is not None and got == _number(gold) else 0.0)
     return out
 
@@ -77,7 +55,7 @@ def math_equivalence(prompts, completions, answer, **_columns) -> list[float]:
     out = []
     for completion, gold in zip(completions, answer, strict=True):
         gold_text = str(gold) if ("$" in str(gold) or "\\boxed" in str(gold)) else f"${gold}$"
-        parsed_gold, parsed = parse(gold_text), parse(_text(completion))
+        parsed_gold, parsed = parse(gold_text), parse(completion_text(completion))
         out.append(1.0 if parsed_gold and parsed and verify(parsed_gold, parsed) else 0.0)
     return out
 
@@ -87,7 +65,7 @@ def numeric_proximity(prompts, completions, answer, **_columns) -> list[float]:
     which gives a signal even when no completion in a group is exactly right. No number: 0."""
     out = []
     for completion, gold in zip(completions, answer, strict=True):
-        got, want = extract_last_number(_text(completion)), _number(gold)
+        got, want = extract_last_number(completion_text(completion)), _number(gold)
         out.append(
             0.0 if got is None or want is None else 1.0 / (1.0 + abs(got - want) / max(1.0, abs(want)))
         )
@@ -100,12 +78,12 @@ _SOFT = re.compile(r"<(reasoning|think)>.+?</\1>\s*<answer>.+?</answer>", re.DOT
 
 def format_strict(prompts, completions, **_columns) -> list[float]:
     """1.0 for exactly '<reasoning>\\n...\\n</reasoning>\\n<answer>\\n...\\n</answer>' (or <think>), nothing else."""
-    return [1.0 if _STRICT.match(_text(c)) else 0.0 for c in completions]
+    return [1.0 if _STRICT.match(completion_text(c)) else 0.0 for c in completions]
 
 
 def format_soft(prompts, completions, **_columns) -> list[float]:
     """1.0 when a reasoning (or think) block is followed by an answer block, whatever the spacing around."""
-    return [1.0 if _SOFT.search(_text(c)) else 0.0 for c in completions]
+    return [1.0 if _SOFT.search(completion_text(c)) else 0.0 for c in completions]
 
 
 def format_tags(prompts, completions, **_columns) -> list[float]:
@@ -113,7 +91,7 @@ def format_tags(prompts, completions, **_columns) -> list[float]:
     </answer>), minus 0.001 per character after </answer>: a gradient toward the format from scratch."""
     out = []
     for completion in completions:
-        text = _text(completion)
+        text = completion_text(completion)
         tag = "think" if text.count("<think>") > text.count("<reasoning>") else "reasoning"
         score = sum(0.25 for t in (f"<{tag}>", f"</{tag}>", "<answer>", "</answer>") if text.count(t) == 1)
         if text.count("</answer>") == 1:
@@ -150,7 +128,7 @@ def repetition_penalty(prompts, completions, **_columns) -> list[float]:
     """-(share of repeated word 3-grams): 0 for text without repeats, toward -1 for a loop."""
     out = []
     for completion in completions:
-        words = _text(completion).lower().split()
+        words = completion_text(completion).lower().split()
         grams = [tuple(words[i : i + 3]) for i in range(len(words) - 2)]
         out.append(-(1.0 - len(set(grams)) / len(grams)) if grams else 0.0)
     return out

@@ -5,39 +5,15 @@ Token-in / token-out: the ids sampled here are exactly the ids trained on; nothi
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
+
+from graft.batch import Rollout
+from graft.rollout.buffers import ReservedBuffer
 
 try:
     from transformers.cache_utils import DynamicLayer
 except ImportError:  # a transformers without per-layer caches: reserve_cache leaves its caches alone
     DynamicLayer = object
-
-
-@dataclass
-class Rollout:
-    """A batch of B = num_prompts * group_size completions; a group's completions are adjacent."""
-
-    prompt_ids: torch.Tensor  # (B, P) left-padded
-    prompt_mask: torch.Tensor  # (B, P) 1 on real prompt tokens
-    completion_ids: torch.Tensor  # (B, T) right-padded with pad_id after the first stop token
-    completion_mask: torch.Tensor  # (B, T) 1 up to and including the first stop token
-    logprobs: torch.Tensor  # (B, T) float32 log-prob of each sampled token under the sampler (0 on padding)
-    truncated: torch.Tensor  # (B,) bool: hit max_new_tokens without a stop token
-    group_size: int
-    entropy: torch.Tensor | None = None  # (B, T) entropy of the sampling distribution (0 on padding)
-
-    @property
-    def completion_lengths(self) -> torch.Tensor:  # (B,)
-        return self.completion_mask.sum(dim=1)
-
-    def completion_token_lists(self) -> list[list[int]]:
-        """Each completion's token ids up to and including its stop token (B lists)."""
-        return [
-            ids[:n].tolist()
-            for ids, n in zip(self.completion_ids, self.completion_lengths.tolist(), strict=True)
-        ]
 
 
 def left_pad(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -108,48 +84,31 @@ def _sample_categorical(
 
 
 class ReservedLayer(DynamicLayer):
-    """One attention layer's KV cache in a buffer reserved for the whole rollout: a decode step writes its
-    new column in place, where transformers' DynamicLayer copies the whole cache (torch.cat) every step,
-    O(T^2) bytes over a completion. The keys and values attention reads are views of the buffer."""
+    """One attention layer of a transformers cache on ReservedBuffers (graft.rollout.buffers): a decode step
+    writes its new column in place, where transformers' DynamicLayer copies the whole cache (torch.cat)
+    every step, O(T^2) bytes over a completion. The keys and values attention reads are views."""
 
     def __init__(self, layer, capacity: int):
         super().__init__()
-        B, H, n, D = layer.keys.shape
-        self.device, self.is_initialized, self.length = layer.keys.device, True, n
-        self.key_buffer = layer.keys.new_empty(B, H, max(capacity, n), D)
-        self.value_buffer = layer.values.new_empty(B, H, max(capacity, n), layer.values.shape[-1])
-        self.key_buffer[:, :, :n] = layer.keys
-        self.value_buffer[:, :, :n] = layer.values
-        self._expose()
-
-    def _expose(self) -> None:
-        self.keys = self.key_buffer[:, :, : self.length]
-        self.values = self.value_buffer[:, :, : self.length]
+        self.device, self.is_initialized = layer.keys.device, True
+        self.key_buffer = ReservedBuffer(layer.keys, time_dim=2, batch_dim=0, capacity=capacity)
+        self.value_buffer = ReservedBuffer(layer.values, time_dim=2, batch_dim=0, capacity=capacity)
+        self.keys, self.values = self.key_buffer.filled, self.value_buffer.filled
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
-        end = self.length + key_states.shape[-2]
-        if end > self.key_buffer.shape[2]:  # past the reservation (sample() never goes there): grow
-            self.key_buffer = torch.cat([self.keys, key_states], dim=2)
-            self.value_buffer = torch.cat([self.values, value_states], dim=2)
-        else:
-            self.key_buffer[:, :, self.length : end] = key_states
-            self.value_buffer[:, :, self.length : end] = value_states
-        self.length = end
-        self._expose()
+        self.keys, self.values = self.key_buffer.append(key_states), self.value_buffer.append(value_states)
         return self.keys, self.values
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
-        self.key_buffer, self.value_buffer = self.key_buffer[indices], self.value_buffer[indices]
-        self._expose()
+        for buffer in (self.key_buffer, self.value_buffer):
+            buffer.select_rows(indices)
+        self.keys, self.values = self.key_buffer.filled, self.value_buffer.filled
 
 
 def reserve_cache(cache, capacity: int):
     """Swap each plain (full-attention, dynamic) layer of a transformers cache for a ReservedLayer of
-    `capacity` positions. Other layer kinds (sliding windows, quantized, linear attention) stay as they
-    are: correct, only slower."""
-    if hasattr(cache, "reserve"):  # graft's own decoder cache
-        cache.reserve(capacity)
-        return cache
+    `capacity` positions. Other layer kinds (sliding windows, quantized, linear attention) and other caches
+    (graft's decoder's, which grows in place by itself) stay as they are."""
     layers = getattr(cache, "layers", None)
     if DynamicLayer is object or not isinstance(layers, list):
         return cache

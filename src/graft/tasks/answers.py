@@ -5,17 +5,8 @@ from __future__ import annotations
 
 import re
 
-from graft.rewards.builtin import extract_last_integer, extract_last_number
 from graft.tasks.base import Task
-from graft.tasks.datasets import last_boxed
-
-_ANSWER_BLOCK = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
-
-
-def answer_block(text: str) -> str | None:
-    """The inside of the last <answer>...</answer>, or None when there is none."""
-    blocks = _ANSWER_BLOCK.findall(text)
-    return blocks[-1].strip() if blocks else None
+from graft.text import answer_block, extract_last_integer, extract_last_number, last_boxed
 
 
 def _number_text(value: float) -> str:

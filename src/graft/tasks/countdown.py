@@ -10,6 +10,7 @@ from fractions import Fraction
 
 from graft.config import TaskConfig
 from graft.tasks.base import Problem, Task, make_task, split_off_eval
+from graft.text import completion_text
 
 SYSTEM = (
     "Use each of the given numbers exactly once with + - * / and parentheses to make the target. "
@@ -105,11 +106,9 @@ def extract_expression(text: str) -> str:
 
 def countdown(prompts, completions, numbers, target, **_columns) -> list[float]:
     """1.0 when the completion's expression uses each given number exactly once and equals the target."""
-    from graft.rewards.builtin import _text
-
     out = []
     for completion, nums, goal in zip(completions, numbers, target, strict=True):
-        result = safe_value(extract_expression(_text(completion)))
+        result = safe_value(extract_expression(completion_text(completion)))
         ok = result is not None and sorted(result[1]) == sorted(nums) and result[0] == goal
         out.append(1.0 if ok else 0.0)
     return out

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from graft.config import ConfigError, TaskConfig
 from graft.tasks.base import Problem, Task, make_task, split_off_eval
+from graft.text import last_boxed
 
 DEFAULTS = {  # dataset id, config, prompt column, answer column, correctness reward, system prompt
     "gsm8k": ("openai/gsm8k", "main", "question", "answer", "gsm8k_flexible",
@@ -96,22 +97,6 @@ def load_rows(cfg: TaskConfig, split: str) -> list[dict]:
 def _load_file(path: Path, datasets):
     kind = "parquet" if path.suffix == ".parquet" else "json"
     return datasets.load_dataset(kind, data_files=str(path), split="train")
-
-
-_BOXED = re.compile(r"\\boxed\s*\{")
-
-
-def last_boxed(text: str) -> str | None:
-    """The content of the last \\boxed{...}, braces matched (MATH solutions nest them)."""
-    starts = [m.end() for m in _BOXED.finditer(text)]
-    if not starts:
-        return None
-    depth, start = 1, starts[-1]
-    for i in range(start, len(text)):
-        depth += {"{": 1, "}": -1}.get(text[i], 0)
-        if depth == 0:
-            return text[start:i]
-    return None
 
 
 def gold_answer(task: str, raw) -> str | None:

@@ -4,9 +4,14 @@ updates with no signal, and the usual cause (the model never writes the asked fo
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
+import torch
+
+from graft.rewards.runtime import RewardRuntime, reward_name
 from graft.tasks import Task
+from graft.train.grpo import StepSetup, reward_inputs, sample_groups
 
 
 class GateError(RuntimeError):
@@ -55,3 +60,38 @@ def check(result: GateResult, n_prompts: int, group_size: int) -> None:
         "longer completions (generation.max_new_tokens). gate.enabled=false skips this check.\n"
         f"  one probe completion: {result.example[:300]!r}"
     )
+
+
+def run_gate(s: StepSetup, judge: RewardRuntime, run, display) -> None:
+    """Probe before the first step, sampling exactly as the steps will; writes gate.json and raises GateError
+    when a gated reward is zero on every completion. `judge` scores correctness when the rewards do not."""
+    cfg, task = s.cfg, s.task
+
+    def score(prompts, completions, columns) -> dict[str, list]:
+        scores = {reward_name(k): v for k, v in s.rewards.score(prompts, completions, columns).items()}
+        if s.correctness_name not in scores:
+            scores[s.correctness_name] = judge.scorer(s.correctness_name)(prompts, completions, **columns)
+        return scores
+
+    functions = [reward_name(f) for f in (cfg.rewards.functions or task.default_rewards)]
+    gated = gated_rewards(task, functions, cfg.gate.rewards)
+    unknown = [g for g in gated if g not in functions and g != s.correctness_name]
+    if unknown:
+        raise GateError(f"gate.rewards names {unknown}, which this run does not compute; use some of "
+                        f"{sorted(set(functions) | {s.correctness_name})}")  # fmt: skip
+    display.print(f"gate: probing {cfg.gate.num_prompts} training prompts x {cfg.grpo.num_generations} ...")
+    problems = task.train[: cfg.gate.num_prompts]
+    # its own generator: the run's sampling sequence is the same with the gate on or off
+    probe = dataclasses.replace(
+        s, generator=torch.Generator(device=s.device).manual_seed(cfg.train.seed + 7919)
+    )
+    rollout = sample_groups(probe, problems, for_update=False)
+    texts, prompts, columns = reward_inputs(s.tokenizer, task, problems, rollout, cfg)
+    result = GateResult(score(prompts, texts, columns), gated, texts[0] if texts else "")
+    run.write_json("gate.json", {"passed": not result.failing(), "rewards": result.summary()})
+    check(result, min(cfg.gate.num_prompts, len(task.train)), cfg.grpo.num_generations)
+    parts = [
+        f"{n} mean {v['mean']:.2f} ({v['nonzero']}/{v['scored']} nonzero)"
+        for n, v in result.summary().items()
+    ]
+    display.print("gate passed: " + "; ".join(parts))

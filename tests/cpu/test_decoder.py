@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from conftest import build_tiny_model, build_tiny_qwen2, require_cpu
+from graft.cpu.decoder import Decoder, decoder_problem
 from graft.models import merged_state
-from graft.rollout.decoder import Decoder, decoder_problem
 from graft.rollout.sampler import left_pad, position_ids_from_mask, sample
 
 PROMPTS = [[1, 33, 31, 17, 6, 65, 7], [1, 40, 8], [1, 20, 21, 22, 23]]

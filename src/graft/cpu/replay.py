@@ -2,7 +2,7 @@
 
 At mu = 1 the policy that sampled the batch is the policy being trained, so a training forward would only
 compute again what the rollout's forward computed (same weights, same tokens). graft's decoder keeps those
-tensors (graft.rollout.decoder.Recording) and this module runs the backward alone, layer by layer from the
+tensors (graft.cpu.decoder.Recording) and this module runs the backward alone, layer by layer from the
 LM head down: each product's input gradient and its LoRA factors' gradients by hand (dy @ W for the frozen
 weight, four thin products for A and B), the cheap nonlinear parts (RMSNorm, RoPE and attention, the SiLU
 gate, the head's log-softmax) by autograd on small graphs rebuilt from the recorded inputs. A step then
@@ -20,26 +20,18 @@ import torch
 import torch.nn.functional as F
 
 from graft import algo
-from graft.cpu.plan import replay_config_problem
-from graft.rollout.decoder import PROJECTIONS, Decoder, LayerTrace, Recording, causal_mask, rotate
+from graft.cpu.decoder import PROJECTIONS, LayerTrace, Recording, causal_mask, rotate
+from graft.models import base_linear, lora_factors, lora_variant
 from graft.rollout.sampler import Rollout, position_ids_from_mask
 
 PROJECTION_NAMES = tuple(m for members, _ in PROJECTIONS.values() for m in members)  # self_attn.q_proj, ...
 
 
-def replay_problem(policy, sampling_copy, cfg) -> str | None:
-    """Why this run's updates cannot replay the rollout's forward; None when they can. The config's part is
-    graft.cpu.plan's (shared with validate and doctor); this adds what only the loaded model shows."""
-    from peft import PeftModel
+def replay_model_problem(policy) -> str | None:
+    """Why the loaded `policy`'s updates cannot be replayed, from what only the model shows (which layers
+    carry LoRA and of what kind); None when they can. The config's part is graft.cpu.plan's."""
     from peft.tuners.lora import LoraLayer
 
-    own_decoder = sampling_copy is not None and isinstance(sampling_copy.model, Decoder)
-    sampling_dtype = sampling_copy.dtype if sampling_copy is not None else policy.dtype
-    problem = replay_config_problem(
-        cfg, policy.dtype, sampling_dtype, own_decoder, isinstance(policy, PeftModel)
-    )
-    if problem is not None:
-        return problem
     allowed = set()
     for name, module in policy.get_base_model().named_modules():
         if not isinstance(module, LoraLayer):
@@ -49,8 +41,9 @@ def replay_problem(policy, sampling_copy, cfg) -> str | None:
         for adapter in module.active_adapters:
             if adapter not in module.lora_A:
                 continue
-            if module.use_dora.get(adapter) or not isinstance(module.lora_A[adapter], torch.nn.Linear):
-                return f"a LoRA variant on {name} (DoRA or another)"
+            variant = lora_variant(module, adapter)
+            if variant is not None:
+                return f"a LoRA variant on {name} ({variant})"
             if not isinstance(module.lora_dropout[adapter], torch.nn.Identity):
                 return "lora.dropout > 0 (the rollout samples without dropout)"
             allowed |= {id(module.lora_A[adapter].weight), id(module.lora_B[adapter].weight)}
@@ -77,12 +70,8 @@ def linear_backward(
     would run them); the factors' gradients are accumulated in their own dtype."""
     dtype = dtype or x.dtype
     x, dy = x.to(dtype), dy.to(dtype)
-    base = module.get_base_layer() if hasattr(module, "get_base_layer") else module
-    dx = dy @ base.weight.detach().to(dtype)  # (N, in)
-    for name in getattr(module, "active_adapters", ()):
-        if name not in getattr(module, "lora_A", {}):
-            continue
-        A, B, s = module.lora_A[name].weight, module.lora_B[name].weight, module.scaling[name]
+    dx = dy @ base_linear(module).weight.detach().to(dtype)  # (N, in)
+    for A, B, s in lora_factors(module):
         a, b = A.detach().to(dtype), B.detach().to(dtype)
         dy_b = dy @ b  # (N, r)
         _accumulate(B, (dy.T @ (x @ a.T)).mul_(s))  # (out, r)

@@ -7,11 +7,13 @@ import torch
 from conftest import build_tiny_model, build_tiny_qwen2
 from graft import algo
 from graft.config import LoraConfig, load_config
-from graft.models import SamplingCopy, add_lora
-from graft.rollout.decoder import Recording
+from graft.cpu.decoder import Recording
+from graft.cpu.plan import plan_fast_paths
+from graft.cpu.replay import replay_backward
+from graft.cpu.sampling import SamplingCopy
+from graft.models import add_lora
 from graft.rollout.sampler import sample
 from graft.train.grpo import completion_logprobs
-from graft.train.replay import replay_backward, replay_problem
 
 VOCAB = 70
 PROMPTS = [[1, 33, 31, 17, 6, 65, 7], [1, 40, 8], [1, 20, 21, 22, 23]]
@@ -153,7 +155,6 @@ def test_replay_names_why_it_cannot_run(overrides, reason):
     model = build_tiny_model(VOCAB)
     if cfg.lora.enabled:
         model = add_lora(model, cfg.lora, seed=0)
-    dtype = torch.bfloat16 if cfg.generation.dtype == "bfloat16" else torch.float32
-    copy = SamplingCopy(model, dtype, pack=cfg.generation.pack_weights)
-    problem = replay_problem(model, copy, cfg)
+    paths = plan_fast_paths(cfg, torch.device("cpu"), model=model)  # the plan, settled for the loaded model
+    problem = None if paths.replay else paths.why["replayed update"]
     assert problem is None if reason is None else reason in problem

@@ -21,15 +21,11 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-from graft.models import PackedLinear
+from graft.cpu.packed import linear_product
+from graft.models import base_linear
+from graft.rollout.buffers import ReservedBuffer
 
 SUPPORTED_TYPES = ("llama", "mistral", "qwen2")
-
-
-def _plain_linear(module) -> bool:
-    """An nn.Linear, or a LoRA wrapper around one (its delta is folded into the weights the Decoder gets)."""
-    base = module.get_base_layer() if hasattr(module, "get_base_layer") else module
-    return type(base) is torch.nn.Linear
 
 
 def config_problem(cfg) -> str | None:
@@ -56,28 +52,29 @@ def decoder_problem(model) -> str | None:
     if body is None or any(not hasattr(body, name) for name in needed):
         return "an unexpected module layout"
     head = model.get_output_embeddings()
-    if not _plain_linear(head) or getattr(head, "bias", None) is not None:
+    if base_linear(head) is None or getattr(head, "bias", None) is not None:
         return "an LM head that is not a plain linear layer"
     for layer in body.layers:
         modules = [layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj, layer.self_attn.o_proj,
                    layer.mlp.gate_proj, layer.mlp.up_proj, layer.mlp.down_proj]  # fmt: skip
-        if not all(_plain_linear(m) for m in modules):
+        if any(base_linear(m) is None for m in modules):
             return "projections that are not plain linear layers"
     return None
 
 
 class KVBuffers:
-    """Every layer's keys and values, filled up to `length` positions; the cache object the decoder
-    returns. Rows leave (batch_select_indices) as their completions finish.
+    """Every layer's keys and values (graft.rollout.buffers.ReservedBuffer, growing in place), filled up to
+    `length` positions; the cache object the decoder returns. Rows leave (batch_select_indices) as their
+    completions finish.
 
     float32 buffers are time-major, (capacity, B, H_kv, D): the filled part is then one block that a decode
     step's batched products read in place (from a (B, H_kv, capacity, D) buffer, attention copies the
     strided filled part first). Other dtypes keep (B, H_kv, capacity, D) for torch's fused attention,
-    which beats batched products there (bf16: ~220 vs ~480 us per layer and step, measured)."""
+    which beats batched products there."""
 
     def __init__(self, num_layers: int, time_major: bool, batch_size: int):
-        self.keys: list[torch.Tensor] = [None] * num_layers  # type: ignore[list-item]
-        self.values: list[torch.Tensor] = [None] * num_layers  # type: ignore[list-item]
+        self.keys: list[ReservedBuffer | None] = [None] * num_layers
+        self.values: list[ReservedBuffer | None] = [None] * num_layers
         self.length = 0
         self.time_major = time_major
         self.t, self.b = (0, 1) if time_major else (2, 0)  # the time and batch dimensions of a buffer
@@ -89,38 +86,28 @@ class KVBuffers:
     def write(self, layer: int, key: torch.Tensor, value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Append (B, H_kv, T, D) keys and values at `length`; the filled part of the layer's buffers."""
         key, value = self._layout(key), self._layout(value)
-        end = self.length + key.shape[self.t]
         if self.keys[layer] is None:
-            self.keys[layer], self.values[layer] = key.new_empty(key.shape), value.new_empty(value.shape)
-        elif end > self.keys[layer].shape[self.t]:
-            self._grow(layer, end)
-        self.keys[layer].narrow(self.t, self.length, end - self.length).copy_(key)
-        self.values[layer].narrow(self.t, self.length, end - self.length).copy_(value)
-        return self.keys[layer].narrow(self.t, 0, end), self.values[layer].narrow(self.t, 0, end)
+            self.keys[layer] = ReservedBuffer(key, self.t, self.b)
+            self.values[layer] = ReservedBuffer(value, self.t, self.b)
+            return self.keys[layer].filled, self.values[layer].filled
+        return self.keys[layer].append(key), self.values[layer].append(value)
 
-    def _grow(self, layer: int, capacity: int) -> None:
-        for buffers in (self.keys, self.values):
-            old = buffers[layer]
-            shape = list(old.shape)
-            shape[self.t] = capacity
-            new = old.new_empty(shape)
-            new.narrow(self.t, 0, self.length).copy_(old.narrow(self.t, 0, self.length))
-            buffers[layer] = new
+    def _buffers(self) -> list[ReservedBuffer]:
+        return [buffer for buffer in (*self.keys, *self.values) if buffer is not None]
 
     def reserve(self, capacity: int) -> None:
         """Room for `capacity` positions in every layer, so no decode step reallocates."""
-        for layer in range(len(self.keys)):
-            if self.keys[layer] is not None and self.keys[layer].shape[self.t] < capacity:
-                self._grow(layer, capacity)
+        for buffer in self._buffers():
+            buffer.reserve(capacity)
 
     def batch_repeat_interleave(self, repeats: int) -> None:
-        self.keys = [k.repeat_interleave(repeats, dim=self.b) for k in self.keys]
-        self.values = [v.repeat_interleave(repeats, dim=self.b) for v in self.values]
+        for buffer in self._buffers():
+            buffer.repeat_rows(repeats)
         self.rows = torch.arange(len(self.rows) * repeats)
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
-        self.keys = [k.index_select(self.b, indices) for k in self.keys]
-        self.values = [v.index_select(self.b, indices) for v in self.values]
+        for buffer in self._buffers():
+            buffer.select_rows(indices)
         self.rows = self.rows[indices.cpu()]
 
 
@@ -153,7 +140,7 @@ class LayerTrace(NamedTuple):
 
 @dataclass
 class Recording:
-    """Every forward call of a rollout, kept for graft.train.replay (backward without a second forward).
+    """Every forward call of a rollout, kept for graft.cpu.replay (backward without a second forward).
     The first call is the prefill, one row per prompt; each later call is a decode step over the rows
     still running (`rows`: their indices in the completion batch). No copies: these are the tensors the
     forward made anyway, only kept alive."""
@@ -180,21 +167,6 @@ PROJECTIONS = {
 }
 
 
-class PlainLinear:
-    """F.linear with the post-ops that graft.models.PackedLinear fuses, for pack=False."""
-
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None):
-        self.weight, self.bias = weight, bias
-
-    def __call__(self, x: torch.Tensor, activation: str = "none") -> torch.Tensor:
-        y = F.linear(x, self.weight, self.bias)
-        return F.silu(y) if activation == "swish" else y
-
-    def binary(self, x: torch.Tensor, other: torch.Tensor, op: str) -> torch.Tensor:
-        y = F.linear(x, self.weight, self.bias)
-        return y * other if op == "mul" else y + other
-
-
 class _Layer:
     def __init__(self):
         self.qkv = self.o = self.gate = self.up = self.down = None
@@ -218,7 +190,7 @@ class Decoder:
         self.rotary = copy.deepcopy(model.model.rotary_emb)  # the model's RoPE, scaling variants included
         self.layers = [_Layer() for _ in model.model.layers]
         self.embed = self.head = None
-        self.recording: Recording | None = None  # set by graft.train.replay's rollouts
+        self.recording: Recording | None = None  # set by graft.cpu.replay's rollouts
         self.load(state)
 
     # ------------------------------------------------------------------------------------------- weights
@@ -234,7 +206,7 @@ class Decoder:
         if any(b is not None for b in biases):
             bias = torch.cat([b.detach() if b is not None else w.new_zeros(w.shape[0])
                               for w, b in zip(weights, biases, strict=True)]).to(self.dtype)  # fmt: skip
-        return PackedLinear(weight, bias, self.dtype) if self.pack else PlainLinear(weight, bias)
+        return linear_product(weight, bias, self.dtype, self.pack)
 
     def load(self, state: dict[str, torch.Tensor], changed: set[str] | None = None) -> None:
         """Take weights named as in the plain transformers model (model.layers.0.self_attn.q_proj.weight,

@@ -1,0 +1,236 @@
+"""A GRPO run around its steps: checks and setup once, then grpo_step after grpo_step, with the
+bookkeeping each step needs (metrics, completions log, health alarms, evaluation, checkpoints, stopping),
+and the final adapter, evaluation and report. The step itself is graft.train.grpo.grpo_step."""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+from pathlib import Path
+
+import torch
+from rich.markup import escape
+
+from graft.config import Config
+from graft.cpu.fast_path import FastPath
+from graft.cpu.plan import plan_fast_paths
+from graft.evaluation import evaluate
+from graft.health import HealthMonitor
+from graft.models import add_lora, load_model, merged_adapter, stop_token_ids
+from graft.report import write_report
+from graft.rewards.runtime import RewardRuntime
+from graft.tracking import ProgressDisplay, Tracker
+from graft.train.checkpoint import (
+    load_trainer_state,
+    remove_torn_saves,
+    restore_checkpoint,
+    save_checkpoint,
+    save_model,
+)
+from graft.train.gate import run_gate
+from graft.train.grpo import StepSetup, grpo_step
+from graft.train.records import completion_rows
+from graft.train.run import PromptOrder, RunDir, StopRequest, build_optimizer, setup_process
+from graft.train.sft import warm_start
+from graft.validate import Checked, validate_or_raise
+
+
+class TrainingInterrupted(Exception):
+    """The run stopped early on request (signal or stop_after) after saving a checkpoint at `step`."""
+
+    def __init__(self, step: int, run_dir: Path):
+        super().__init__(f"stopped after step {step}; checkpoint saved in {run_dir / 'checkpoints'}")
+        self.step, self.run_dir = step, run_dir
+
+
+class TrainingError(RuntimeError):
+    """The run cannot go on (e.g. updates that stay non-finite); the message says what to change."""
+
+
+def setup_training(
+    cfg: Config, checked: Checked, display: ProgressDisplay
+) -> tuple[StepSetup, RewardRuntime]:
+    """Everything built once: reward runtimes, model (+ LoRA, + a frozen reference for full fine-tuning with
+    beta > 0), the fast path the plan takes for the loaded model, optimizer and the rollout generator.
+    Returns the step setup and the runtime that judges correctness (the rewards' own when they include
+    it; else a separate one, because math-verify may hang and never runs unguarded in this process)."""
+    task = checked.task
+    rc = cfg.rewards
+    functions = rc.functions or list(task.default_rewards)
+    rewards = RewardRuntime(functions, rc.timeout, rc.num_workers, rc.on_error, rc.max_failure_rate,
+                            completion_format=rc.completion_format, functions=checked.rewards)  # fmt: skip
+    correctness_name = task.default_rewards[0]
+    judge = rewards if correctness_name in functions else RewardRuntime([correctness_name], rc.timeout, 1)
+
+    policy, tokenizer = load_model(cfg.model)
+    device = next(policy.parameters()).device
+    ref_model = None
+    if cfg.grpo.beta > 0 and not cfg.lora.enabled:  # full fine-tuning needs a frozen copy; LoRA does not
+        ref_model = copy.deepcopy(policy).requires_grad_(False)
+    if cfg.lora.enabled:
+        policy = add_lora(policy, cfg.lora, cfg.train.seed)
+    paths = plan_fast_paths(cfg, device, model=policy)  # the config's plan, settled for this model
+    replay = paths.why.get("replayed update", "on")
+    if cfg.train.replay and replay != "on":
+        display.print(f"[dim]train.replay: not used, a second forward per update: {escape(replay[5:])}[/dim]")
+    params = [p for p in policy.parameters() if p.requires_grad]
+    optimizer, scheduler = build_optimizer(params, cfg)
+    setup = StepSetup(
+        cfg=cfg, task=task, policy=policy, tokenizer=tokenizer, stop_ids=stop_token_ids(policy, tokenizer),
+        rewards=rewards, reward_weights=rc.weights or [1.0] * len(functions), correctness_name=correctness_name,
+        correctness=judge.scorer(correctness_name), optimizer=optimizer, scheduler=scheduler, params=params,
+        generator=torch.Generator(device=device).manual_seed(cfg.train.seed), device=device,
+        fast_path=FastPath.build(policy, paths), ref_model=ref_model,
+    )  # fmt: skip
+    return setup, judge
+
+
+class Bookkeeping:
+    """What a run keeps between steps besides the model: the run directory, prompt order, metrics and
+    completions logs, health monitor, evaluation history and the non-finite streak; evaluation and
+    checkpoints (both read and write it)."""
+
+    def __init__(self, cfg: Config, s: StepSetup, run: RunDir, display: ProgressDisplay, state: dict | None):
+        self.cfg, self.s, self.run, self.display = cfg, s, run, display
+        self.order = PromptOrder(s.task, cfg.train.seed)
+        self.health = HealthMonitor(cfg.health)
+        self.nonfinite_streak, self.eval_history, self.first_step = 0, {}, 1
+        if state is not None:
+            trainer_state = state["trainer_state"]
+            self.first_step = state["step"] + 1
+            self.nonfinite_streak = trainer_state.get("nonfinite_streak", 0)
+            self.eval_history = {
+                k: v for k, v in run.read_json("eval.json").items() if v["step"] <= state["step"]
+            }
+            if "health" in trainer_state:
+                self.health.restore(trainer_state["health"])
+        # on resume, records after the checkpoint are redone; a fresh start in an old folder drops them all
+        self.tracker = Tracker(run.path, cfg, keep_until_step=self.first_step - 1 if state else -1)
+
+    def evaluate(self, tag: str, step: int) -> float:
+        """Held-out accuracy now (greedy unless eval.* asks for samples), recorded in eval.json under `tag`."""
+        e, s = self.cfg.eval, self.s
+        # its own generator: pass@k sampling must not move the training sampler's random sequence
+        generator = torch.Generator(device=s.device).manual_seed(self.cfg.train.seed + step)
+        with merged_adapter(s.policy, self.cfg.generation.merge_adapter):
+            result = evaluate(
+                s.policy, s.tokenizer, s.task, s.correctness,
+                max_new_tokens=e.max_new_tokens or self.cfg.generation.max_new_tokens, stop_ids=s.stop_ids,
+                num_problems=e.num_prompts, batch_size=e.batch_size, num_samples_kept=e.num_samples_kept,
+                num_samples=e.num_samples, temperature=e.temperature, generator=generator,
+            )  # fmt: skip
+        self.eval_history[tag] = {"step": step, **result.to_dict()}
+        self.run.write_json("eval.json", self.eval_history)
+        return result.accuracy
+
+    def checkpoint(self, step: int) -> None:
+        s = self.s
+        trainer_state = {
+            "order": self.order.state(),
+            "nonfinite_streak": self.nonfinite_streak,
+            "health": self.health.state(),
+            "config": self.cfg.model_dump(mode="json"),
+        }
+        save_checkpoint(
+            self.run.path / "checkpoints", step, model=s.policy, tokenizer=s.tokenizer, optimizer=s.optimizer,
+            scheduler=s.scheduler, trainer_state=trainer_state, generator=s.generator,
+            keep_last_n=self.cfg.checkpoint.keep_last_n,
+        )  # fmt: skip
+
+    def after_step(self, step: int, problems, batch, metrics: dict, stopping: bool) -> None:
+        """Health alarms, completions log, the non-finite rule, periodic evaluation and checkpoint, the
+        metrics row and the progress display, in that order."""
+        cfg, display = self.cfg, self.display
+        for alarm in self.health.check(metrics):
+            display.print(f"[bold yellow]health:[/bold yellow] {escape(alarm.message())}")
+        rows = completion_rows(step, problems, batch)
+        self.tracker.write_completions(rows)
+        if cfg.logging.completions_every and step % cfg.logging.completions_every == 0:
+            display.completions_table(step, rows)
+        all_skipped = metrics["nonfinite_skipped"] == metrics["optimizer_steps"]
+        self.nonfinite_streak = self.nonfinite_streak + 1 if all_skipped else 0
+        if self.nonfinite_streak >= cfg.train.max_nonfinite_steps:
+            self.tracker.write(metrics)
+            raise TrainingError(
+                f"step {step}: the loss or gradient was not finite in every update of the last "
+                f"{self.nonfinite_streak} steps, so the weights were left as they were and the run stops. "
+                f"Batch prompts: {[p.prompt for p in problems]}. Try a lower train.learning_rate, "
+                "rewards on a sane scale (or grpo.scale_rewards=group), or train.max_grad_norm."
+            )
+        final_eval_follows = cfg.eval.at_end and step == cfg.train.max_steps
+        if cfg.eval.every_n_steps and step % cfg.eval.every_n_steps == 0 and not final_eval_follows:
+            metrics["eval/accuracy"] = self.evaluate(f"step_{step}", step)
+        every = cfg.checkpoint.every_n_steps
+        if step == cfg.train.max_steps or stopping or (every and step % every == 0):
+            self.checkpoint(step)
+        self.tracker.write(metrics)
+        display.update(step, metrics)
+
+
+def train(cfg: Config, console=None, stop_after: int | None = None) -> Path:
+    """Run GRPO as configured; returns the run directory. stop_after=k stops after step k exactly as a
+    Ctrl-C would (checkpoint, then TrainingInterrupted), for notebooks and tests."""
+    checked = validate_or_raise(cfg)  # every config, data, path, disk and memory problem, before any loading
+    run, resume_from = RunDir.for_config(cfg)
+    display = ProgressDisplay(cfg.train.max_steps, cfg.logging.progress, console)
+    if checked.memory is not None:
+        display.print(f"memory estimate: {checked.memory.describe()}")
+    for line in checked.paths.report_lines() if checked.paths else []:
+        display.print(escape(line))
+    state = load_trainer_state(resume_from) if resume_from else None
+    if state is not None:
+        saved_seed = state["trainer_state"]["config"]["train"]["seed"]
+        if saved_seed != cfg.train.seed:
+            display.print(f"[yellow]resuming with seed {saved_seed} from the checkpoint[/yellow] "
+                          f"(the config says {cfg.train.seed}; a run keeps the seed it started with)")  # fmt: skip
+            cfg = cfg.model_copy(deep=True)  # the caller's config object stays as given
+            cfg.train.seed = saved_seed
+    if cfg.sft.enabled:  # the chained recipe: SFT warm-up in <run>/sft, then GRPO starts from its result
+        cfg = warm_start(cfg, checked.task, run.path / "sft", display.console)
+    if cfg.logging.print_config:
+        display.print(f"[bold]graft[/bold] run directory: {run.path}\n[dim]{escape(cfg.to_yaml())}[/dim]")
+    deterministic_before = torch.are_deterministic_algorithms_enabled()  # process-wide: put back at the end
+    setup_process(cfg.train)
+
+    s, judge = setup_training(cfg, checked, display)
+    run.create(cfg)
+    books = Bookkeeping(cfg, s, run, display, state)
+    if state is not None:
+        restore_checkpoint(resume_from, state, s.policy, s.optimizer, s.scheduler, books.order, s.generator)
+        display.print(f"resuming {run.path.name} from {resume_from.name} (step {state['step']})")
+    remove_torn_saves(run.path / "checkpoints")
+    try:
+        if cfg.gate.enabled and state is None:
+            run_gate(s, judge, run, display)
+        if cfg.eval.at_start and state is None:
+            display.print("evaluating the starting model on the held-out split ...")
+            accuracy = books.evaluate("before", 0)
+            display.print(f"held-out accuracy before training: {accuracy:.3f}")
+            books.tracker.write({"step": 0, "eval/accuracy": accuracy})
+        display.start(books.first_step - 1)
+        with StopRequest() as stop:
+            for step in range(books.first_step, cfg.train.max_steps + 1):
+                problems = books.order.next_problems(cfg.train.prompts_per_step)
+                batch, metrics = grpo_step(s, problems)
+                stopping = stop.requested or step == stop_after
+                books.after_step(step, problems, batch, {"step": step, **metrics}, stopping)
+                if stopping and step < cfg.train.max_steps:
+                    raise TrainingInterrupted(step, run.path)
+        display.close()
+        save_model(s.policy, s.tokenizer, run.path / "final")
+        if cfg.eval.at_end:
+            accuracy = books.evaluate("after", cfg.train.max_steps)
+            books.tracker.write({"step": cfg.train.max_steps, "eval/accuracy": accuracy})
+    except BaseException:
+        with contextlib.suppress(Exception):  # best effort: the error that stopped the run matters more
+            display.print(f"report so far: {write_report(run.path)}")
+        raise
+    finally:
+        display.close()
+        books.tracker.close()
+        s.rewards.close()
+        judge.close()
+        torch.use_deterministic_algorithms(deterministic_before)
+    report = write_report(run.path)
+    run.print_summary(display, books.eval_history, report)
+    return run.path
