@@ -233,7 +233,7 @@ class TrainConfig(_Section):
     keep_freed_memory: bool = Field(
         True,
         description="glibc: reuse freed memory instead of returning it to the OS at once (mallopt); "
-        "saves page faults worth ~20% of a CPU step",
+        "fewer page faults in a CPU step (benchmarks/NOTES.md)",
     )
     max_nonfinite_steps: int = Field(
         3, ge=1, description="stop after this many GRPO steps in a row whose updates were all non-finite"

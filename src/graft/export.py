@@ -56,8 +56,10 @@ def parity_probe(
     from graft.evaluation import encode_messages
 
     system = system_prompt(target.cfg.task)
-    conversations = [([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": p}]
-                     for p in PARITY_PROMPTS]  # fmt: skip
+    conversations = [
+        ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": p}]
+        for p in PARITY_PROMPTS
+    ]
     replies = generate(model, tokenizer, conversations, max_new_tokens=max_new_tokens)
     sequences, starts = [], []
     for messages, reply in zip(conversations, replies, strict=True):
@@ -75,8 +77,15 @@ def _write_card(folder: Path, target: Target, kind: str) -> None:
     """graft_export.json (machine-readable) and README.md: what this is and how to prompt it as trained."""
     cfg = target.cfg
     system = system_prompt(cfg.task)
-    info = {"kind": kind, "run": target.label, "base_model": cfg.model.name, "warmup_adapter": cfg.model.adapter,
-            "task": cfg.task.name, "prompt_format": cfg.task.prompt_format, "system_prompt": system}  # fmt: skip
+    info = {
+        "kind": kind,
+        "run": target.label,
+        "base_model": cfg.model.name,
+        "warmup_adapter": cfg.model.adapter,
+        "task": cfg.task.name,
+        "prompt_format": cfg.task.prompt_format,
+        "system_prompt": system,
+    }
     (folder / "graft_export.json").write_text(json.dumps(info, indent=2))
     loading = (
         f'from peft import PeftModel\nmodel = PeftModel.from_pretrained(base_model, "{folder.name}")'
@@ -96,8 +105,10 @@ def export_adapter(target: Target, out: Path) -> Path:
             f"{target.weights} is not a LoRA adapter (the run trained all weights); export --merged"
         )
     if target.cfg.model.adapter:
-        print(f"graft: note: this adapter applies on top of {target.cfg.model.name} with the warm-up adapter "
-              f"{target.cfg.model.adapter} merged in; --merged gives a self-contained model")  # fmt: skip
+        print(
+            f"graft: note: this adapter applies on top of {target.cfg.model.name} with the warm-up adapter "
+            f"{target.cfg.model.adapter} merged in; --merged gives a self-contained model"
+        )
 
     def write(tmp: Path) -> None:
         for item in target.weights.iterdir():
@@ -131,8 +142,11 @@ def export_merged(target: Target, out: Path, parity: bool = True, tolerance: flo
         reloaded = AutoModelForCausalLM.from_pretrained(out, dtype=dtype).to(next(model.parameters()).device)
         diff = max_difference(reference, token_logprobs(reloaded, sequences, starts))
         tol = tolerance if tolerance is not None else default_tolerance(dtype)
-        report.update(parity_max_abs_logprob_diff=diff, parity_tolerance=tol,
-                      parity_tokens=sum(len(s) - p for s, p in zip(sequences, starts, strict=True)))  # fmt: skip
+        report.update(
+            parity_max_abs_logprob_diff=diff,
+            parity_tolerance=tol,
+            parity_tokens=sum(len(s) - p for s, p in zip(sequences, starts, strict=True)),
+        )
         (out / "parity.json").write_text(json.dumps(report, indent=2))
         if not diff <= tol:
             shutil.rmtree(out, ignore_errors=True)
@@ -181,8 +195,10 @@ def export_gguf(merged_dir: Path, out_file: Path, dtype: str = "f16", tolerance:
     }
     if not diff <= tolerance:
         out_file.unlink(missing_ok=True)
-        raise ExportError(f"the GGUF file read back differs from the merged model by {diff:.3g} nats "
-                          f"(tolerance {tolerance}); it was removed. Try --gguf-dtype f32.")  # fmt: skip
+        raise ExportError(
+            f"the GGUF file read back differs from the merged model by {diff:.3g} nats "
+            f"(tolerance {tolerance}); it was removed. Try --gguf-dtype f32."
+        )
     return report
 
 

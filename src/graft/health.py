@@ -65,62 +65,83 @@ class HealthMonitor:
 
         trunc = _mean([h.get("truncated_fraction", 0.0) for h in recent])
         if trunc > c.truncation_max:
-            found.append(Alarm(
-                "truncation", f"{trunc:.0%} of completions hit generation.max_new_tokens over the last {len(recent)} steps",
-                "a cut-off completion rarely holds a final answer, so its reward is 0 for the wrong reason",
-                "raise generation.max_new_tokens, or ask for shorter answers in the system prompt",
-            ))  # fmt: skip
+            found.append(
+                Alarm(
+                    "truncation",
+                    f"{trunc:.0%} of completions hit generation.max_new_tokens over the last {len(recent)} steps",
+                    "a cut-off completion rarely holds a final answer, so its reward is 0 for the wrong reason",
+                    "raise generation.max_new_tokens, or ask for shorter answers in the system prompt",
+                )
+            )
         zero = _mean([h.get("zero_variance_group_fraction", 0.0) for h in recent])
         if len(recent) == w and zero > c.zero_variance_max:
-            found.append(Alarm(
-                "no_signal", f"{zero:.0%} of groups had identical rewards over the last {w} steps",
-                "such a group has zero advantage and teaches nothing: the task is too easy or too hard",
-                "change the task difficulty, raise grpo.num_generations, or raise generation.temperature",
-            ))  # fmt: skip
+            found.append(
+                Alarm(
+                    "no_signal",
+                    f"{zero:.0%} of groups had identical rewards over the last {w} steps",
+                    "such a group has zero advantage and teaches nothing: the task is too easy or too hard",
+                    "change the task difficulty, raise grpo.num_generations, or raise generation.temperature",
+                )
+            )
         entropy = self._start_and_now("entropy")
         if entropy:
             start, now = entropy
             if start > 0 and now < c.entropy_collapse_ratio * start:
-                found.append(Alarm(
-                    "entropy_collapse", f"token entropy fell from {start:.3f} to {now:.3f} nats",
-                    "the policy has become nearly deterministic, so groups stop differing and learning stalls",
-                    "lower train.learning_rate, use grpo.epsilon_high (clip-higher), or add a KL term (grpo.beta)",
-                ))  # fmt: skip
+                found.append(
+                    Alarm(
+                        "entropy_collapse",
+                        f"token entropy fell from {start:.3f} to {now:.3f} nats",
+                        "the policy has become nearly deterministic, so groups stop differing and learning stalls",
+                        "lower train.learning_rate, use grpo.epsilon_high (clip-higher), or add a KL term (grpo.beta)",
+                    )
+                )
         lengths = self._start_and_now("completion_length/mean")
         if lengths:
             start, now = lengths
             if start > 0 and not (1 / c.length_drift_ratio <= now / start <= c.length_drift_ratio):
-                found.append(Alarm(
-                    "length_drift", f"mean completion length moved from {start:.1f} to {now:.1f} tokens",
-                    "length is moving the reward: fine if truncation is going away, a warning sign if the reward "
-                    "is being won by length rather than correctness",
-                    "check the completions log, use grpo.loss_type=dr_grpo (no length bias) or a length penalty",
-                ))  # fmt: skip
+                found.append(
+                    Alarm(
+                        "length_drift",
+                        f"mean completion length moved from {start:.1f} to {now:.1f} tokens",
+                        "length is moving the reward: fine if truncation is going away, a warning sign if the reward "
+                        "is being won by length rather than correctness",
+                        "check the completions log, use grpo.loss_type=dr_grpo (no length bias) or a length penalty",
+                    )
+                )
         kl = m.get("kl")
         if isinstance(kl, int | float) and kl > c.kl_max:
-            found.append(Alarm(
-                "kl_blowup", f"KL to the reference is {kl:.3f} (limit {c.kl_max})",
-                "the policy is running away from the base model, which usually ends in gibberish",
-                "lower train.learning_rate or raise grpo.beta",
-            ))  # fmt: skip
+            found.append(
+                Alarm(
+                    "kl_blowup",
+                    f"KL to the reference is {kl:.3f} (limit {c.kl_max})",
+                    "the policy is running away from the base model, which usually ends in gibberish",
+                    "lower train.learning_rate or raise grpo.beta",
+                )
+            )
         accuracy = self._start_and_now("accuracy")
         for key in [k for k in m if k.startswith("reward/") and "format" in k and k.endswith("/mean")]:
             fmt = self._start_and_now(key)
             if fmt and accuracy:
                 rise, gain = fmt[1] - fmt[0], accuracy[1] - accuracy[0]
                 if rise > c.format_gap and gain < c.format_gap / 4:
-                    found.append(Alarm(
-                        "format_hacking", f"{key} rose by {rise:.2f} while accuracy moved {gain:+.2f}",
-                        "the model is learning to look right, not to be right (reward hacking)",
-                        "lower that reward's weight in rewards.weights, or make correctness worth more",
-                    ))  # fmt: skip
+                    found.append(
+                        Alarm(
+                            "format_hacking",
+                            f"{key} rose by {rise:.2f} while accuracy moved {gain:+.2f}",
+                            "the model is learning to look right, not to be right (reward hacking)",
+                            "lower that reward's weight in rewards.weights, or make correctness worth more",
+                        )
+                    )
         loss = m.get("loss")
         if m.get("nonfinite_skipped") or (loss is not None and not math.isfinite(loss)):
-            found.append(Alarm(
-                "nonfinite", f"{m.get('nonfinite_skipped', 0)} update(s) this step had a non-finite loss or gradient",
-                "they were skipped; more in a row stop the run",
-                "lower train.learning_rate, keep train.max_grad_norm, check rewards for huge values",
-            ))  # fmt: skip
+            found.append(
+                Alarm(
+                    "nonfinite",
+                    f"{m.get('nonfinite_skipped', 0)} update(s) this step had a non-finite loss or gradient",
+                    "they were skipped; more in a row stop the run",
+                    "lower train.learning_rate, keep train.max_grad_norm, check rewards for huge values",
+                )
+            )
         return found
 
     def check(self, metrics: dict) -> list[Alarm]:

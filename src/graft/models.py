@@ -153,8 +153,10 @@ def resolve_device(name: str) -> torch.device:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ModelError(f"model.device={name} but torch sees no CUDA device; use model.device=cpu or auto")
     if device.type == "mps" and not _mps_available():
-        raise ModelError(f"model.device={name} but torch sees no Apple GPU (MPS needs Apple silicon, macOS 12.3+ "
-                         "and a torch built with MPS); use model.device=cpu or auto")  # fmt: skip
+        raise ModelError(
+            f"model.device={name} but torch sees no Apple GPU (MPS needs Apple silicon, macOS 12.3+ "
+            "and a torch built with MPS); use model.device=cpu or auto"
+        )
     return device
 
 

@@ -202,14 +202,18 @@ def _check(cfg: Config, estimate: bool = True) -> Checked:
     for name in cfg.logging.report_to:
         module = TRACKER_PACKAGES.get(name)
         if module and importlib.util.find_spec(module) is None:
-            problems.append(f"'logging.report_to': {name} is not installed; pip install 'graft[tracking]' "
-                            f"(or pip install {module}), or drop it from report_to")  # fmt: skip
+            problems.append(
+                f"'logging.report_to': {name} is not installed; pip install 'graft[tracking]' "
+                f"(or pip install {module}), or drop it from report_to"
+            )
     model_problem = model_location_problem(cfg.model.name)
     if model_problem:
         problems.append(f"'model.name': {model_problem}")
     if cfg.model.adapter and cfg.sft.enabled:
-        problems.append("'model.adapter' and 'sft.enabled' both give the starting adapter; with sft.enabled the "
-                        "run trains its own warm-up (in <run>/sft), so drop one of them")  # fmt: skip
+        problems.append(
+            "'model.adapter' and 'sft.enabled' both give the starting adapter; with sft.enabled the "
+            "run trains its own warm-up (in <run>/sft), so drop one of them"
+        )
     elif cfg.model.adapter and (adapter_problem := adapter_location_problem(cfg.model.adapter)):
         problems.append(f"'model.adapter': {adapter_problem}")
     if cfg.sft.enabled and task is not None:  # the warm-up's data, before anything trains
@@ -265,6 +269,8 @@ def _check(cfg: Config, estimate: bool = True) -> Checked:
 def validate_or_raise(cfg: Config) -> Checked:
     checked = _check(cfg)
     if checked.problems:
-        raise ConfigError(f"{len(checked.problems)} problem(s) found before loading the model:\n" + "\n".join(
-            f"  - {p}" for p in checked.problems))  # fmt: skip
+        raise ConfigError(
+            f"{len(checked.problems)} problem(s) found before loading the model:\n"
+            + "\n".join(f"  - {p}" for p in checked.problems)
+        )
     return checked

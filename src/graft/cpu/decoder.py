@@ -55,8 +55,15 @@ def decoder_problem(model) -> str | None:
     if base_linear(head) is None or getattr(head, "bias", None) is not None:
         return "an LM head that is not a plain linear layer"
     for layer in body.layers:
-        modules = [layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj, layer.self_attn.o_proj,
-                   layer.mlp.gate_proj, layer.mlp.up_proj, layer.mlp.down_proj]  # fmt: skip
+        modules = [
+            layer.self_attn.q_proj,
+            layer.self_attn.k_proj,
+            layer.self_attn.v_proj,
+            layer.self_attn.o_proj,
+            layer.mlp.gate_proj,
+            layer.mlp.up_proj,
+            layer.mlp.down_proj,
+        ]
         if any(base_linear(m) is None for m in modules):
             return "projections that are not plain linear layers"
     return None
@@ -204,8 +211,12 @@ class Decoder:
         weight = weight.to(self.dtype)  # packing copies, so a parameter passed through stays untouched
         bias = None
         if any(b is not None for b in biases):
-            bias = torch.cat([b.detach() if b is not None else w.new_zeros(w.shape[0])
-                              for w, b in zip(weights, biases, strict=True)]).to(self.dtype)  # fmt: skip
+            bias = torch.cat(
+                [
+                    b.detach() if b is not None else w.new_zeros(w.shape[0])
+                    for w, b in zip(weights, biases, strict=True)
+                ]
+            ).to(self.dtype)
         return linear_product(weight, bias, self.dtype, self.pack)
 
     def load(self, state: dict[str, torch.Tensor], changed: set[str] | None = None) -> None:

@@ -107,7 +107,11 @@ def plan_fast_paths(
     if cpu:
         caps = caps or probe()
         # 16-bit products without oneDNN kernels fall to a reference kernel: tens of times slower than float32
-        for key, value in (("model.dtype", cfg.model.dtype), ("generation.dtype", gen.dtype), ("train.autocast", t.autocast)):  # fmt: skip
+        for key, value in (
+            ("model.dtype", cfg.model.dtype),
+            ("generation.dtype", gen.dtype),
+            ("train.autocast", t.autocast),
+        ):
             if value in HALF and not caps.has(value):
                 problems.append(
                     f"{key}={value}: this CPU cannot run {value} products at speed: {caps.missing(value)}; "
@@ -140,5 +144,6 @@ def plan_fast_paths(
             problem = replay_model_problem(model)
         replay = problem is None
         why["replayed update"] = "on" if replay else f"off: {problem}"
-    return FastPaths(device.type, policy_dtype, sampling_dtype, sampling_copy, pack, own_decoder, replay, why,
-                     problems)  # fmt: skip
+    return FastPaths(
+        device.type, policy_dtype, sampling_dtype, sampling_copy, pack, own_decoder, replay, why, problems
+    )

@@ -34,8 +34,23 @@ FEATURES = {
 # The flags that decide the paths above (and their speed), as Linux names them. oneDNN runs bfloat16 with
 # AVX512-BW/VL/DQ (converting in registers), natively with AVX512-BF16 or AMX, or with AVX-NE-CONVERT on
 # AVX2-only chips; without any of them torch computes 16-bit products in a reference kernel.
-X86_FLAGS = ("avx", "avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_bf16", "avx512_fp16",
-             "avx512_vnni", "avx_vnni", "avx_ne_convert", "amx_tile", "amx_bf16", "amx_fp16")  # fmt: skip
+X86_FLAGS = (
+    "avx",
+    "avx2",
+    "fma",
+    "avx512f",
+    "avx512bw",
+    "avx512vl",
+    "avx512dq",
+    "avx512_bf16",
+    "avx512_fp16",
+    "avx512_vnni",
+    "avx_vnni",
+    "avx_ne_convert",
+    "amx_tile",
+    "amx_bf16",
+    "amx_fp16",
+)
 ARM_FLAGS = ("asimd", "asimddp", "fphp", "sve", "sve2", "bf16", "i8mm")
 ISA_CAPS = ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS")
 

@@ -130,8 +130,8 @@ class _Replay:
         anchor = rec.final[0]
         self.dtype = anchor.dtype  # the recording's: float32, or bfloat16 for a mixed-precision run
         rotary = model.model.rotary_emb
-        # attention runs in float32 even for a bf16 recording: torch's CPU attention backward is ~2.5x slower
-        # in bf16 than in float32 at these sizes (measured), and more exact this way
+        # attention runs in float32 even for a bf16 recording: torch's CPU attention backward is slower in
+        # bf16 than in float32 at these sizes (benchmarks/NOTES.md), and more exact this way
         prompt_positions, completion_positions = positions[:: self.G, : self.P], positions[:, self.P : -1]
         self.rope_p = [t[:, None] for t in rotary(anchor.float(), prompt_positions)]  # (U, 1, P, D) cos, sin
         self.rope_c = [t[:, None] for t in rotary(anchor.float(), completion_positions)]  # (B, 1, Tc, D)

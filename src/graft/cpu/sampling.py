@@ -60,8 +60,10 @@ class SamplingCopy:
             except (AttributeError, RuntimeError, NotImplementedError) as exc:  # a kernel the probe missed
                 if not pack:
                     raise
-                raise ModelError(f"generation.pack_weights: this torch cannot pack weights ({exc}); "
-                                 "set generation.pack_weights=false") from exc  # fmt: skip
+                raise ModelError(
+                    f"generation.pack_weights: this torch cannot pack weights ({exc}); "
+                    "set generation.pack_weights=false"
+                ) from exc
 
     @contextlib.contextmanager
     def sampling(self, policy, recording=None):

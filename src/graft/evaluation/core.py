@@ -127,8 +127,14 @@ def evaluate(
         texts, hits = [], []
         for start in range(0, n, per_chunk):
             chunk = problems[start : start + per_chunk]
-            rollout = sample(model, encode_prompts(tokenizer, task, chunk), group_size=num_samples,
-                             temperature=temperature, generator=generator, **decode)  # fmt: skip
+            rollout = sample(
+                model,
+                encode_prompts(tokenizer, task, chunk),
+                group_size=num_samples,
+                temperature=temperature,
+                generator=generator,
+                **decode,
+            )
             texts += decode_completions(tokenizer, rollout.completion_token_lists())
             prompts, columns = task.reward_inputs([p for p in chunk for _ in range(num_samples)])
             hits += _is_correct(correctness(prompts, texts[-len(prompts) :], **columns))

@@ -56,7 +56,7 @@ def _sample_categorical(
     """One draw per row from probs / probs.sum() (B, V) by inverting the CDF with a single uniform per row.
 
     torch.multinomial draws an exponential for every vocabulary entry, and even one float64 cumsum over
-    the vocabulary costs more than the LM head on a CPU (a sequential scan, ~10 ms for 16 x 49k). So the
+    the vocabulary costs more than the LM head on a CPU (a sequential scan; benchmarks/NOTES.md). So the
     search runs in two levels: float64 sums of `block`-wide slices locate the slice holding the uniform,
     and only that slice is scanned. Sums are float64 so the CDF does not drift over V. A token with
     probability 0 (top-p cut, held-back stop token) is never drawn: each level takes the first cumulative

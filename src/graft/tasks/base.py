@@ -60,13 +60,29 @@ class Task:
         return [self.messages(p) for p in problems], columns
 
 
-def make_task(cfg, name: str, train: list[Problem], eval_: list[Problem], default_system: str | None,
-              correctness: str, strict: str | None = None, solve=None) -> Task:  # fmt: skip
+def make_task(
+    cfg,
+    name: str,
+    train: list[Problem],
+    eval_: list[Problem],
+    default_system: str | None,
+    correctness: str,
+    strict: str | None = None,
+    solve=None,
+) -> Task:
     """A task with the configured system prompt and answer format; format rewards join when one is asked."""
     system = compose_system_prompt(cfg, default_system)
     rewards = (correctness,) if cfg.prompt_format == "plain" else (correctness, "format_tags")
-    return Task(name=name, train=train, eval=eval_, system_prompt=system, default_rewards=rewards,
-                prompt_format=cfg.prompt_format, strict_reward=strict, solve=solve)  # fmt: skip
+    return Task(
+        name=name,
+        train=train,
+        eval=eval_,
+        system_prompt=system,
+        default_rewards=rewards,
+        prompt_format=cfg.prompt_format,
+        strict_reward=strict,
+        solve=solve,
+    )
 
 
 def compose_system_prompt(cfg, default_system: str | None) -> str | None:

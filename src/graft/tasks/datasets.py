@@ -15,13 +15,25 @@ from graft.tasks.base import Problem, Task, make_task, split_off_eval
 from graft.text import last_boxed
 
 DEFAULTS = {  # dataset id, config, prompt column, answer column, correctness reward, system prompt
-    "gsm8k": ("openai/gsm8k", "main", "question", "answer", "gsm8k_flexible",
-              "Solve the math word problem. End with the final answer as a number."),
-    "math": ("DigitalLearningGmbH/MATH-lighteval", None, "problem", "solution", "math_equivalence",
-             "Solve the problem. Put the final answer in \\boxed{}."),
+    "gsm8k": (
+        "openai/gsm8k",
+        "main",
+        "question",
+        "answer",
+        "gsm8k_flexible",
+        "Solve the math word problem. End with the final answer as a number.",
+    ),
+    "math": (
+        "DigitalLearningGmbH/MATH-lighteval",
+        None,
+        "problem",
+        "solution",
+        "math_equivalence",
+        "Solve the problem. Put the final answer in \\boxed{}.",
+    ),
     "hub": (None, None, "prompt", "answer", "gsm8k_flexible", None),
     "jsonl": (None, None, "prompt", "answer", "gsm8k_flexible", None),
-}  # fmt: skip
+}
 
 
 def read_jsonl(path: Path, prompt_column: str, answer_column: str) -> list[Problem]:

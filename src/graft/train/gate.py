@@ -25,14 +25,19 @@ class GateResult:
     example: str  # one probe completion, shown when the gate refuses
 
     def failing(self) -> list[str]:
-        return [name for name in self.gated if not any(s for s in self.scores.get(name, []) if s is not None)]
+        return [
+            name for name in self.gated if not any(s for s in self.scores.get(name, []) if s is not None)
+        ]
 
     def summary(self) -> dict[str, dict[str, float]]:
         out = {}
         for name in self.gated:
             values = [s for s in self.scores.get(name, []) if s is not None]
-            out[name] = {"mean": sum(values) / len(values) if values else 0.0,
-                         "nonzero": sum(1 for v in values if v), "scored": len(values)}  # fmt: skip
+            out[name] = {
+                "mean": sum(values) / len(values) if values else 0.0,
+                "nonzero": sum(1 for v in values if v),
+                "scored": len(values),
+            }
         return out
 
 
@@ -62,31 +67,35 @@ def check(result: GateResult, n_prompts: int, group_size: int) -> None:
     )
 
 
-def run_gate(s: StepSetup, judge: RewardRuntime, run, display) -> None:
+def run_gate(setup: StepSetup, correctness_runtime: RewardRuntime, run, display) -> None:
     """Probe before the first step, sampling exactly as the steps will; writes gate.json and raises GateError
-    when a gated reward is zero on every completion. `judge` scores correctness when the rewards do not."""
-    cfg, task = s.cfg, s.task
+    when a gated reward is zero on every completion. `correctness_runtime` scores correctness when the rewards do not."""
+    cfg, task = setup.cfg, setup.task
 
     def score(prompts, completions, columns) -> dict[str, list]:
-        scores = {reward_name(k): v for k, v in s.rewards.score(prompts, completions, columns).items()}
-        if s.correctness_name not in scores:
-            scores[s.correctness_name] = judge.scorer(s.correctness_name)(prompts, completions, **columns)
+        scores = {reward_name(k): v for k, v in setup.rewards.score(prompts, completions, columns).items()}
+        if setup.correctness_name not in scores:
+            scores[setup.correctness_name] = correctness_runtime.scorer(setup.correctness_name)(
+                prompts, completions, **columns
+            )
         return scores
 
     functions = [reward_name(f) for f in (cfg.rewards.functions or task.default_rewards)]
     gated = gated_rewards(task, functions, cfg.gate.rewards)
-    unknown = [g for g in gated if g not in functions and g != s.correctness_name]
+    unknown = [g for g in gated if g not in functions and g != setup.correctness_name]
     if unknown:
-        raise GateError(f"gate.rewards names {unknown}, which this run does not compute; use some of "
-                        f"{sorted(set(functions) | {s.correctness_name})}")  # fmt: skip
+        raise GateError(
+            f"gate.rewards names {unknown}, which this run does not compute; use some of "
+            f"{sorted(set(functions) | {setup.correctness_name})}"
+        )
     display.print(f"gate: probing {cfg.gate.num_prompts} training prompts x {cfg.grpo.num_generations} ...")
     problems = task.train[: cfg.gate.num_prompts]
     # its own generator: the run's sampling sequence is the same with the gate on or off
     probe = dataclasses.replace(
-        s, generator=torch.Generator(device=s.device).manual_seed(cfg.train.seed + 7919)
+        setup, generator=torch.Generator(device=setup.device).manual_seed(cfg.train.seed + 7919)
     )
     rollout = sample_groups(probe, problems, for_update=False)
-    texts, prompts, columns = reward_inputs(s.tokenizer, task, problems, rollout, cfg)
+    texts, prompts, columns = reward_inputs(setup.tokenizer, task, problems, rollout, cfg)
     result = GateResult(score(prompts, texts, columns), gated, texts[0] if texts else "")
     run.write_json("gate.json", {"passed": not result.failing(), "rewards": result.summary()})
     check(result, min(cfg.gate.num_prompts, len(task.train)), cfg.grpo.num_generations)

@@ -49,7 +49,7 @@ class StepSetup:
     ref_model: torch.nn.Module | None  # full fine-tuning with beta > 0; LoRA uses the adapter-off policy
 
 
-def grpo_step(s: StepSetup, problems: list[Problem]) -> tuple[ScoredBatch, dict]:
+def grpo_step(setup: StepSetup, problems: list[Problem]) -> tuple[ScoredBatch, dict]:
     """One GRPO step on `problems`; returns the scored batch and the step's metrics.
 
     1. rollout: G completions per prompt (a group), their token ids and sampling log-probs;
@@ -58,20 +58,27 @@ def grpo_step(s: StepSetup, problems: list[Problem]) -> tuple[ScoredBatch, dict]
     4. frozen log-probs: the old policy's when the batch outlives an update, the reference's when beta > 0;
     5. update: num_iterations x num_minibatches optimizer steps on the clipped policy loss.
     """
-    cfg, timer = s.cfg, PhaseTimer()
+    cfg, timer = setup.cfg, PhaseTimer()
     with timer.phase("rollout"):
-        rollout = sample_groups(s, problems)
+        rollout = sample_groups(setup, problems)
     with timer.phase("reward"):
-        completions, rewards, components = score_rollout(s, problems, rollout)
+        completions, rewards, components = score_rollout(setup, problems, rollout)
     with timer.phase("train"):  # steps 3-5
         advantages, zero_variance = algo.group_advantages(rewards, rollout.group_size, cfg.grpo.scale_rewards)
-        old, ref = old_and_reference_logprobs(s, rollout)
+        old, ref = old_and_reference_logprobs(setup, rollout)
         batch = ScoredBatch(rollout, rewards, advantages, old, ref, completions, components)
         update = update_policy(
-            s.policy, s.optimizer, s.scheduler, batch, cfg, s.device, s.params, s.fast_path
+            setup.policy,
+            setup.optimizer,
+            setup.scheduler,
+            batch,
+            cfg,
+            setup.device,
+            setup.params,
+            setup.fast_path,
         )
-    metrics = {**step_metrics(batch, zero_variance), **s.rewards.metrics(), **update, **timer.metrics()}
-    metrics["accuracy"] = (components[s.correctness_name] >= 1.0).float().mean().item()
+    metrics = {**step_metrics(batch, zero_variance), **setup.rewards.metrics(), **update, **timer.metrics()}
+    metrics["accuracy"] = (components[setup.correctness_name] >= 1.0).float().mean().item()
     metrics["tokens_per_s"] = int(rollout.completion_mask.sum()) / metrics["time/step"]
     return batch, metrics
 
@@ -79,25 +86,25 @@ def grpo_step(s: StepSetup, problems: list[Problem]) -> tuple[ScoredBatch, dict]
 # --------------------------------------------------------------------------------------------- rollout
 
 
-def sample_groups(s: StepSetup, problems: list[Problem], for_update: bool = True) -> Rollout:
+def sample_groups(setup: StepSetup, problems: list[Problem], for_update: bool = True) -> Rollout:
     """G completions for each problem, through the fast path when the run has one (`for_update`: this
     batch will be trained on, so the fast path may record the forward for its replayed update)."""
-    cfg = s.cfg
-    s.policy.eval()  # no dropout while sampling: the sampler's log-probs must describe the policy we train
-    prompts = encode_prompts(s.tokenizer, s.task, problems)
+    cfg = setup.cfg
+    setup.policy.eval()  # no dropout while sampling: the sampler's log-probs must describe the policy we train
+    prompts = encode_prompts(setup.tokenizer, setup.task, problems)
     options = dict(
         group_size=cfg.grpo.num_generations,
         max_new_tokens=cfg.generation.max_new_tokens,
         min_new_tokens=cfg.generation.min_new_tokens,
-        pad_id=s.tokenizer.pad_token_id,
-        stop_ids=s.stop_ids,
+        pad_id=setup.tokenizer.pad_token_id,
+        stop_ids=setup.stop_ids,
         temperature=cfg.generation.temperature,
         top_p=cfg.generation.top_p,
-        generator=s.generator,
+        generator=setup.generator,
     )
-    if s.fast_path is not None:
-        return s.fast_path.sample(s.policy, prompts, for_update=for_update, **options)
-    with merged_adapter(s.policy, cfg.generation.merge_adapter) as model:
+    if setup.fast_path is not None:
+        return setup.fast_path.sample(setup.policy, prompts, for_update=for_update, **options)
+    with merged_adapter(setup.policy, cfg.generation.merge_adapter) as model:
         return sample(model, prompts, **options)
 
 
@@ -134,14 +141,14 @@ def score_completions(
 
 
 def score_rollout(
-    s: StepSetup, problems: list[Problem], rollout: Rollout
+    setup: StepSetup, problems: list[Problem], rollout: Rollout
 ) -> tuple[list[str], torch.Tensor, dict[str, torch.Tensor]]:
     """(completion texts, total (B,), per-function (B,) each); the correctness reward is always among the
     functions, so accuracy is logged even when the run trains on other rewards."""
-    texts, prompts, columns = reward_inputs(s.tokenizer, s.task, problems, rollout, s.cfg)
-    total, per_fn = score_completions(s.rewards, s.reward_weights, prompts, texts, columns)
-    if s.correctness_name not in per_fn:
-        per_fn[s.correctness_name] = torch.tensor(s.correctness(prompts, texts, **columns))
+    texts, prompts, columns = reward_inputs(setup.tokenizer, setup.task, problems, rollout, setup.cfg)
+    total, per_fn = score_completions(setup.rewards, setup.reward_weights, prompts, texts, columns)
+    if setup.correctness_name not in per_fn:
+        per_fn[setup.correctness_name] = torch.tensor(setup.correctness(prompts, texts, **columns))
     return texts, total, per_fn
 
 
@@ -217,9 +224,13 @@ def micro_batch(rollout: Rollout, rows: torch.Tensor, device) -> tuple[torch.Ten
     completion_mask = rollout.completion_mask[rows]
     first = int((prompt_mask.sum(0) > 0).nonzero()[0])  # leftmost column some prompt uses
     last = int(completion_mask.sum(1).max())  # longest completion
-    tensors = (rollout.prompt_ids[rows, first:], prompt_mask[:, first:], rollout.completion_ids[rows, :last],
-               completion_mask[:, :last])  # fmt: skip
-    return tuple(t.to(device) for t in tensors)
+    tensors = (
+        rollout.prompt_ids[rows, first:],
+        prompt_mask[:, first:],
+        rollout.completion_ids[rows, :last],
+        completion_mask[:, :last],
+    )
+    return tuple(tensor.to(device) for tensor in tensors)
 
 
 def autocast(cfg: Config, device: torch.device):
@@ -253,20 +264,20 @@ def frozen_logprobs(model, rollout: Rollout, cfg: Config, device) -> torch.Tenso
 
 
 def old_and_reference_logprobs(
-    s: StepSetup, rollout: Rollout
+    setup: StepSetup, rollout: Rollout
 ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """(old (B, T) or None, reference (B, T) or None): the old policy's log-probs when the batch outlives an
     update (mu > 1 or several minibatches); the reference's when beta > 0 (under LoRA: the policy with its
     adapter switched off, no second copy)."""
-    g = s.cfg.grpo
+    cfg = setup.cfg
     old = None
-    if g.num_iterations > 1 or g.num_minibatches > 1:
-        old = frozen_logprobs(s.policy, rollout, s.cfg, s.device)
+    if cfg.grpo.num_iterations > 1 or cfg.grpo.num_minibatches > 1:
+        old = frozen_logprobs(setup.policy, rollout, setup.cfg, setup.device)
     ref = None
-    if g.beta > 0:
-        reference = s.ref_model or s.policy
-        with s.policy.disable_adapter() if s.ref_model is None else contextlib.nullcontext():
-            ref = frozen_logprobs(reference, rollout, s.cfg, s.device)
+    if cfg.grpo.beta > 0:
+        reference = setup.ref_model or setup.policy
+        with setup.policy.disable_adapter() if setup.ref_model is None else contextlib.nullcontext():
+            ref = frozen_logprobs(reference, rollout, setup.cfg, setup.device)
     return old, ref
 
 
@@ -284,7 +295,7 @@ def grpo_loss(
 ) -> algo.PolicyLossOutput:
     """The clipped policy loss of rows `rows` (graft.algo.policy_loss) with the batch's advantages, old and
     reference log-probs; normalised over the whole minibatch so micro-batch gradients add up to it."""
-    g, T, device = cfg.grpo, logprobs.shape[1], logprobs.device
+    T, device = logprobs.shape[1], logprobs.device
     old = logprobs.detach() if batch.old_logprobs is None else batch.old_logprobs[rows, :T].to(device)
     ref = None if batch.ref_logprobs is None else batch.ref_logprobs[rows, :T].to(device)
     return algo.policy_loss(
@@ -292,15 +303,15 @@ def grpo_loss(
         old,
         batch.advantages[rows].to(device),
         mask,
-        loss_type=g.loss_type,
+        loss_type=cfg.grpo.loss_type,
         num_sequences=minibatch_size,
         num_tokens=num_tokens,
         max_completion_length=cfg.generation.max_new_tokens,
-        epsilon=g.epsilon,
-        epsilon_high=g.epsilon_high,
-        delta=g.delta,
-        importance_sampling_level=g.importance_sampling_level,
-        beta=g.beta,
+        epsilon=cfg.grpo.epsilon,
+        epsilon_high=cfg.grpo.epsilon_high,
+        delta=cfg.grpo.delta,
+        importance_sampling_level=cfg.grpo.importance_sampling_level,
+        beta=cfg.grpo.beta,
         ref_logprobs=ref,
     )
 
@@ -348,14 +359,13 @@ def update_policy(
     micro-batches whose gradients accumulate (loss normalisers count the whole minibatch, see algo). A
     step whose loss or gradient is not finite is skipped and counted, so one bad batch cannot poison the
     weights or Adam's moments."""
-    g = cfg.grpo
     batch_size = batch.rollout.completion_ids.shape[0]
     losses, clip_fractions, kls, grad_norms = [], [], [], []
     skipped, replayed = 0, False
     max_norm = cfg.train.max_grad_norm if cfg.train.max_grad_norm is not None else float("inf")
     policy.train()
-    for _ in range(g.num_iterations):
-        for minibatch in torch.arange(batch_size).split(batch_size // g.num_minibatches):
+    for _ in range(cfg.grpo.num_iterations):
+        for minibatch in torch.arange(batch_size).split(batch_size // cfg.grpo.num_minibatches):
             optimizer.zero_grad(set_to_none=True)
             outs, replayed_now = minibatch_backward(policy, batch, minibatch, cfg, device, fast_path)
             replayed = replayed or replayed_now
@@ -387,5 +397,5 @@ def update_policy(
         "lr": scheduler.get_last_lr()[0],
         "nonfinite_skipped": skipped,
         "replayed": replayed,  # train.replay: backward through the rollout's forward
-        "optimizer_steps": g.num_iterations * g.num_minibatches,
+        "optimizer_steps": cfg.grpo.num_iterations * cfg.grpo.num_minibatches,
     }

@@ -44,23 +44,30 @@ class TrainingInterrupted(Exception):
 
 
 class TrainingError(RuntimeError):
-    """The run cannot go on (e.g. updates that stay non-finite); the message says what to change."""
+    """The run cannot go on (evaluation.g. updates that stay non-finite); the message says what to change."""
 
 
-def setup_training(
-    cfg: Config, checked: Checked, display: ProgressDisplay
-) -> tuple[StepSetup, RewardRuntime]:
+def setup_training(cfg: Config, checks: Checked, display: ProgressDisplay) -> tuple[StepSetup, RewardRuntime]:
     """Everything built once: reward runtimes, model (+ LoRA, + a frozen reference for full fine-tuning with
     beta > 0), the fast path the plan takes for the loaded model, optimizer and the rollout generator.
     Returns the step setup and the runtime that judges correctness (the rewards' own when they include
     it; else a separate one, because math-verify may hang and never runs unguarded in this process)."""
-    task = checked.task
-    rc = cfg.rewards
-    functions = rc.functions or list(task.default_rewards)
-    rewards = RewardRuntime(functions, rc.timeout, rc.num_workers, rc.on_error, rc.max_failure_rate,
-                            completion_format=rc.completion_format, functions=checked.rewards)  # fmt: skip
+    task = checks.task
+    reward_cfg = cfg.rewards
+    functions = reward_cfg.functions or list(task.default_rewards)
+    rewards = RewardRuntime(
+        functions,
+        reward_cfg.timeout,
+        reward_cfg.num_workers,
+        reward_cfg.on_error,
+        reward_cfg.max_failure_rate,
+        completion_format=reward_cfg.completion_format,
+        functions=checks.rewards,
+    )
     correctness_name = task.default_rewards[0]
-    judge = rewards if correctness_name in functions else RewardRuntime([correctness_name], rc.timeout, 1)
+    correctness_runtime = (
+        rewards if correctness_name in functions else RewardRuntime([correctness_name], reward_cfg.timeout, 1)
+    )
 
     policy, tokenizer = load_model(cfg.model)
     device = next(policy.parameters()).device
@@ -76,13 +83,24 @@ def setup_training(
     params = [p for p in policy.parameters() if p.requires_grad]
     optimizer, scheduler = build_optimizer(params, cfg)
     setup = StepSetup(
-        cfg=cfg, task=task, policy=policy, tokenizer=tokenizer, stop_ids=stop_token_ids(policy, tokenizer),
-        rewards=rewards, reward_weights=rc.weights or [1.0] * len(functions), correctness_name=correctness_name,
-        correctness=judge.scorer(correctness_name), optimizer=optimizer, scheduler=scheduler, params=params,
-        generator=torch.Generator(device=device).manual_seed(cfg.train.seed), device=device,
-        fast_path=FastPath.build(policy, paths), ref_model=ref_model,
-    )  # fmt: skip
-    return setup, judge
+        cfg=cfg,
+        task=task,
+        policy=policy,
+        tokenizer=tokenizer,
+        stop_ids=stop_token_ids(policy, tokenizer),
+        rewards=rewards,
+        reward_weights=reward_cfg.weights or [1.0] * len(functions),
+        correctness_name=correctness_name,
+        correctness=correctness_runtime.scorer(correctness_name),
+        optimizer=optimizer,
+        scheduler=scheduler,
+        params=params,
+        generator=torch.Generator(device=device).manual_seed(cfg.train.seed),
+        device=device,
+        fast_path=FastPath.build(policy, paths),
+        ref_model=ref_model,
+    )
+    return setup, correctness_runtime
 
 
 class Bookkeeping:
@@ -90,9 +108,11 @@ class Bookkeeping:
     completions logs, health monitor, evaluation history and the non-finite streak; evaluation and
     checkpoints (both read and write it)."""
 
-    def __init__(self, cfg: Config, s: StepSetup, run: RunDir, display: ProgressDisplay, state: dict | None):
-        self.cfg, self.s, self.run, self.display = cfg, s, run, display
-        self.order = PromptOrder(s.task, cfg.train.seed)
+    def __init__(
+        self, cfg: Config, setup: StepSetup, run: RunDir, display: ProgressDisplay, state: dict | None
+    ):
+        self.cfg, self.setup, self.run, self.display = cfg, setup, run, display
+        self.order = PromptOrder(setup.task, cfg.train.seed)
         self.health = HealthMonitor(cfg.health)
         self.nonfinite_streak, self.eval_history, self.first_step = 0, {}, 1
         if state is not None:
@@ -109,22 +129,30 @@ class Bookkeeping:
 
     def evaluate(self, tag: str, step: int) -> float:
         """Held-out accuracy now (greedy unless eval.* asks for samples), recorded in eval.json under `tag`."""
-        e, s = self.cfg.eval, self.s
+        evaluation, setup = self.cfg.eval, self.setup
         # its own generator: pass@k sampling must not move the training sampler's random sequence
-        generator = torch.Generator(device=s.device).manual_seed(self.cfg.train.seed + step)
-        with merged_adapter(s.policy, self.cfg.generation.merge_adapter):
+        generator = torch.Generator(device=setup.device).manual_seed(self.cfg.train.seed + step)
+        with merged_adapter(setup.policy, self.cfg.generation.merge_adapter):
             result = evaluate(
-                s.policy, s.tokenizer, s.task, s.correctness,
-                max_new_tokens=e.max_new_tokens or self.cfg.generation.max_new_tokens, stop_ids=s.stop_ids,
-                num_problems=e.num_prompts, batch_size=e.batch_size, num_samples_kept=e.num_samples_kept,
-                num_samples=e.num_samples, temperature=e.temperature, generator=generator,
-            )  # fmt: skip
+                setup.policy,
+                setup.tokenizer,
+                setup.task,
+                setup.correctness,
+                max_new_tokens=evaluation.max_new_tokens or self.cfg.generation.max_new_tokens,
+                stop_ids=setup.stop_ids,
+                num_problems=evaluation.num_prompts,
+                batch_size=evaluation.batch_size,
+                num_samples_kept=evaluation.num_samples_kept,
+                num_samples=evaluation.num_samples,
+                temperature=evaluation.temperature,
+                generator=generator,
+            )
         self.eval_history[tag] = {"step": step, **result.to_dict()}
         self.run.write_json("eval.json", self.eval_history)
         return result.accuracy
 
     def checkpoint(self, step: int) -> None:
-        s = self.s
+        setup = self.setup
         trainer_state = {
             "order": self.order.state(),
             "nonfinite_streak": self.nonfinite_streak,
@@ -132,10 +160,16 @@ class Bookkeeping:
             "config": self.cfg.model_dump(mode="json"),
         }
         save_checkpoint(
-            self.run.path / "checkpoints", step, model=s.policy, tokenizer=s.tokenizer, optimizer=s.optimizer,
-            scheduler=s.scheduler, trainer_state=trainer_state, generator=s.generator,
+            self.run.path / "checkpoints",
+            step,
+            model=setup.policy,
+            tokenizer=setup.tokenizer,
+            optimizer=setup.optimizer,
+            scheduler=setup.scheduler,
+            trainer_state=trainer_state,
+            generator=setup.generator,
             keep_last_n=self.cfg.checkpoint.keep_last_n,
-        )  # fmt: skip
+        )
 
     def after_step(self, step: int, problems, batch, metrics: dict, stopping: bool) -> None:
         """Health alarms, completions log, the non-finite rule, periodic evaluation and checkpoint, the
@@ -170,38 +204,42 @@ class Bookkeeping:
 def train(cfg: Config, console=None, stop_after: int | None = None) -> Path:
     """Run GRPO as configured; returns the run directory. stop_after=k stops after step k exactly as a
     Ctrl-C would (checkpoint, then TrainingInterrupted), for notebooks and tests."""
-    checked = validate_or_raise(cfg)  # every config, data, path, disk and memory problem, before any loading
+    checks = validate_or_raise(cfg)  # every config, data, path, disk and memory problem, before any loading
     run, resume_from = RunDir.for_config(cfg)
     display = ProgressDisplay(cfg.train.max_steps, cfg.logging.progress, console)
-    if checked.memory is not None:
-        display.print(f"memory estimate: {checked.memory.describe()}")
-    for line in checked.paths.report_lines() if checked.paths else []:
+    if checks.memory is not None:
+        display.print(f"memory estimate: {checks.memory.describe()}")
+    for line in checks.paths.report_lines() if checks.paths else []:
         display.print(escape(line))
     state = load_trainer_state(resume_from) if resume_from else None
     if state is not None:
         saved_seed = state["trainer_state"]["config"]["train"]["seed"]
         if saved_seed != cfg.train.seed:
-            display.print(f"[yellow]resuming with seed {saved_seed} from the checkpoint[/yellow] "
-                          f"(the config says {cfg.train.seed}; a run keeps the seed it started with)")  # fmt: skip
+            display.print(
+                f"[yellow]resuming with seed {saved_seed} from the checkpoint[/yellow] "
+                f"(the config says {cfg.train.seed}; a run keeps the seed it started with)"
+            )
             cfg = cfg.model_copy(deep=True)  # the caller's config object stays as given
             cfg.train.seed = saved_seed
     if cfg.sft.enabled:  # the chained recipe: SFT warm-up in <run>/sft, then GRPO starts from its result
-        cfg = warm_start(cfg, checked.task, run.path / "sft", display.console)
+        cfg = warm_start(cfg, checks.task, run.path / "sft", display.console)
     if cfg.logging.print_config:
         display.print(f"[bold]graft[/bold] run directory: {run.path}\n[dim]{escape(cfg.to_yaml())}[/dim]")
     deterministic_before = torch.are_deterministic_algorithms_enabled()  # process-wide: put back at the end
     setup_process(cfg.train)
 
-    s, judge = setup_training(cfg, checked, display)
+    setup, correctness_runtime = setup_training(cfg, checks, display)
     run.create(cfg)
-    books = Bookkeeping(cfg, s, run, display, state)
+    books = Bookkeeping(cfg, setup, run, display, state)
     if state is not None:
-        restore_checkpoint(resume_from, state, s.policy, s.optimizer, s.scheduler, books.order, s.generator)
+        restore_checkpoint(
+            resume_from, state, setup.policy, setup.optimizer, setup.scheduler, books.order, setup.generator
+        )
         display.print(f"resuming {run.path.name} from {resume_from.name} (step {state['step']})")
     remove_torn_saves(run.path / "checkpoints")
     try:
         if cfg.gate.enabled and state is None:
-            run_gate(s, judge, run, display)
+            run_gate(setup, correctness_runtime, run, display)
         if cfg.eval.at_start and state is None:
             display.print("evaluating the starting model on the held-out split ...")
             accuracy = books.evaluate("before", 0)
@@ -211,13 +249,13 @@ def train(cfg: Config, console=None, stop_after: int | None = None) -> Path:
         with StopRequest() as stop:
             for step in range(books.first_step, cfg.train.max_steps + 1):
                 problems = books.order.next_problems(cfg.train.prompts_per_step)
-                batch, metrics = grpo_step(s, problems)
+                batch, metrics = grpo_step(setup, problems)
                 stopping = stop.requested or step == stop_after
                 books.after_step(step, problems, batch, {"step": step, **metrics}, stopping)
                 if stopping and step < cfg.train.max_steps:
                     raise TrainingInterrupted(step, run.path)
         display.close()
-        save_model(s.policy, s.tokenizer, run.path / "final")
+        save_model(setup.policy, setup.tokenizer, run.path / "final")
         if cfg.eval.at_end:
             accuracy = books.evaluate("after", cfg.train.max_steps)
             books.tracker.write({"step": cfg.train.max_steps, "eval/accuracy": accuracy})
@@ -228,8 +266,8 @@ def train(cfg: Config, console=None, stop_after: int | None = None) -> Path:
     finally:
         display.close()
         books.tracker.close()
-        s.rewards.close()
-        judge.close()
+        setup.rewards.close()
+        correctness_runtime.close()
         torch.use_deterministic_algorithms(deterministic_before)
     report = write_report(run.path)
     run.print_summary(display, books.eval_history, report)

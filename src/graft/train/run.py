@@ -129,8 +129,8 @@ def keep_freed_memory() -> bool:
 
     By default glibc serves blocks above a (dynamic) threshold with mmap and trims the heap as soon as
     128 KiB at its top are free, so the (rows, hidden) activations a CPU training step allocates and frees
-    hundreds of times are fresh pages each time, each page faulting and zeroed on first touch: on the
-    2-core benchmark machine that was ~20% of a GRPO step. With blocks up to 32 MiB from the heap and
+    hundreds of times are fresh pages each time, each page faulting and zeroed on first touch (a large
+    share of a CPU step, benchmarks/NOTES.md). With blocks up to 32 MiB from the heap and
     trimming only above 1 GiB free, freed blocks are reused. Returns False where there is no glibc.
     """
     libc = glibc()

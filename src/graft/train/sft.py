@@ -128,8 +128,13 @@ def run_sft(cfg: Config, task: Task, out_dir: Path, console=None) -> Path:
             optimizer.step()
             warmup.step()
             optimizer.zero_grad(set_to_none=True)
-            record = {"step": step, "loss": loss.item(), "lr": warmup.get_last_lr()[0],
-                      "tokens": int((batch["labels"] != -100).sum()), "time/step": time.perf_counter() - t0}  # fmt: skip
+            record = {
+                "step": step,
+                "loss": loss.item(),
+                "lr": warmup.get_last_lr()[0],
+                "tokens": int((batch["labels"] != -100).sum()),
+                "time/step": time.perf_counter() - t0,
+            }
             writer.write(record)
             display.update(step, {"sft/loss": record["loss"]})
     finally:
