@@ -11,8 +11,8 @@ import pytest
 
 from graft.cli import main
 from graft.config import load_config
-from graft.train.gate import GateError
-from graft.train.loop import train
+from graft.training.gate import GateError
+from graft.training.loop import train
 
 pytestmark = pytest.mark.slow
 RECIPE = Path(__file__).parent.parent / "configs" / "arithmetic_sft.yaml"
@@ -123,7 +123,7 @@ def test_export_merged_matches_the_adapter_and_loads_in_plain_transformers(chain
 
 
 def test_a_failed_parity_check_removes_the_merged_folder(chained_run, tmp_path):
-    from graft.export import ExportError, export_merged
+    from graft.exporter import ExportError, export_merged
     from graft.inference import resolve_target
 
     target = resolve_target(str(chained_run), None, [])
@@ -133,7 +133,7 @@ def test_a_failed_parity_check_removes_the_merged_folder(chained_run, tmp_path):
 
 
 def test_push_to_hub_failure_is_explained(tmp_path):
-    from graft.export import ExportError, push_to_hub
+    from graft.exporter import ExportError, push_to_hub
 
     (tmp_path / "model").mkdir()
     with pytest.raises(ExportError, match="could not push .*someone/graft-test.*hf auth login"):

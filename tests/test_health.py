@@ -6,7 +6,7 @@ import pytest
 
 from graft.config import HealthConfig, load_config
 from graft.health import ALARMS, HealthMonitor
-from graft.train.loop import train
+from graft.training.loop import train
 
 QUIET = {"truncated_fraction": 0.0, "zero_variance_group_fraction": 0.2, "entropy": 1.0,
          "completion_length/mean": 40.0, "accuracy": 0.3, "loss": 0.1, "nonfinite_skipped": 0}  # fmt: skip

@@ -7,7 +7,7 @@ import pytest
 
 from graft.cli import main
 from graft.config import load_config
-from graft.train.loop import train
+from graft.training.loop import train
 
 
 @pytest.fixture(scope="module")

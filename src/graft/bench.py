@@ -51,7 +51,7 @@ def bench_overrides(args: argparse.Namespace, out_dir: str) -> list[str]:
         "generation.temperature=1.0",
         f"train.prompts_per_step={args.prompts_per_step}",
         # the whole batch in one pass, as TRL's per_device_train_batch_size below (graft's default of 8
-        # gives the same gradients, tests/train/test_grpo.py; 16 at once is faster on this CPU)
+        # gives the same gradients, tests/training/test_grpo.py; 16 at once is faster on this CPU)
         f"train.micro_batch_size={args.num_generations * args.prompts_per_step}",
         f"train.max_steps={args.warmup + args.steps}",
         "train.warmup_steps=0",
@@ -76,11 +76,11 @@ def peak_rss_mb() -> float:
 
 
 def worker_graft(args: argparse.Namespace) -> dict:
-    from graft.cli import _quiet_libraries
     from graft.config import load_config
-    from graft.train.loop import train
+    from graft.quiet import quiet_libraries
+    from graft.training.loop import train
 
-    _quiet_libraries()
+    quiet_libraries()
     with tempfile.TemporaryDirectory() as out:
         run = train(load_config(None, bench_overrides(args, out)))
         rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
@@ -104,13 +104,13 @@ def worker_trl(args: argparse.Namespace) -> dict:
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
     from trl import GRPOConfig, GRPOTrainer
 
-    from graft.cli import _quiet_libraries
     from graft.config import ModelConfig, TaskConfig
     from graft.models import resolve_model_path
+    from graft.quiet import quiet_libraries
     from graft.rewards.builtin import last_integer
     from graft.tasks import build_task
 
-    _quiet_libraries()
+    quiet_libraries()
     path = resolve_model_path(ModelConfig())  # the same cached safetensors graft trains
     task = build_task(TaskConfig(system_prompt=SYSTEM_PROMPT))
     rows = [

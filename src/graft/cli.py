@@ -13,28 +13,13 @@ from rich.markup import escape
 from rich.table import Table
 
 from graft.config import ConfigError, describe, load_config
-
-
-def _quiet_libraries() -> None:
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-    import warnings
-
-    import transformers
-
-    warnings.filterwarnings(
-        "ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning
-    )
-
-    transformers.utils.logging.set_verbosity_error()
-    transformers.utils.logging.disable_progress_bar()
+from graft.quiet import quiet_libraries
 
 
 def cmd_train(args: argparse.Namespace, console: Console) -> int:
-    cfg = load_config(args.config, args.overrides)
-    from graft.train.loop import train
+    from graft.api import train
 
-    train(cfg, console=console)
+    train(load_config(args.config, args.overrides), console=console)
     return 0
 
 
@@ -155,17 +140,17 @@ def main(argv: list[str] | None = None) -> int:
     if args.command in ("train", "validate", "config", "doctor") or getattr(args, "split_config", False):
         _split_config_arg(args)
     if args.command not in ("config", "doctor", "completions", "report"):
-        _quiet_libraries()
+        quiet_libraries()
     # soft_wrap: long paths and messages stay on one line (copyable), the terminal wraps them if it must
     console = Console(soft_wrap=True)
     err = Console(stderr=True, soft_wrap=True)
-    from graft.export import ExportError
+    from graft.exporter import ExportError
     from graft.models import ModelError
     from graft.rewards.runtime import RewardError
-    from graft.train.checkpoint import CheckpointError
-    from graft.train.gate import GateError
-    from graft.train.loop import TrainingError, TrainingInterrupted
-    from graft.train.run import RunDirError
+    from graft.training.checkpoint import CheckpointError
+    from graft.training.gate import GateError
+    from graft.training.loop import TrainingError, TrainingInterrupted
+    from graft.training.run import RunDirError
 
     try:
         return args.func(args, console)

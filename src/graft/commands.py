@@ -1,6 +1,8 @@
 """The commands that use a trained model: graft sft | eval | generate | chat | compare | export | report.
 Each takes a run directory (--run runs/<name>) or a recipe + overrides, and prompts the model through the
-chat template and system prompt the run trained with."""
+chat template and system prompt the run trained with. The work of eval, generate and export is in plain
+functions (evaluate_target, generate_replies, export_target) that graft.api calls too; the cmd_* functions
+only parse, call them and print."""
 
 from __future__ import annotations
 
@@ -8,13 +10,18 @@ import argparse
 import json
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
 from graft.config import ConfigError, load_config
+
+if TYPE_CHECKING:
+    from graft.inference import Target
 
 
 def add_target_arguments(parser: argparse.ArgumentParser) -> None:
@@ -67,7 +74,7 @@ def _read_prompts(args) -> list[str]:
 
 def cmd_sft(args, console: Console) -> int:
     from graft.tasks import build_task
-    from graft.train.sft import run_sft
+    from graft.training.sft import run_sft
 
     cfg = load_config(args.config, args.overrides)
     if cfg.resume is not None:
@@ -85,7 +92,20 @@ def cmd_sft(args, console: Console) -> int:
 # ---------------------------------------------------------------------------------------------- eval
 
 
-def cmd_eval(args, console: Console) -> int:
+def evaluate_target(
+    target: Target,
+    *,
+    base: bool = False,
+    split: str = "eval",
+    num: int | None = None,
+    samples: int = 0,
+    temperature: float | None = None,
+    max_new_tokens: int | None = None,
+    output: str | Path | None = None,
+    loaded: tuple[Any, Any] | None = None,
+) -> dict[str, Any]:
+    """What graft eval measures, as the dict `--json` prints and `--output` writes (also written to
+    `output` when given). loaded: the target's (model, tokenizer) when the caller already holds them."""
     import torch
 
     from graft.evaluation import evaluate
@@ -93,47 +113,59 @@ def cmd_eval(args, console: Console) -> int:
     from graft.models import stop_token_ids
     from graft.tasks import build_task
 
-    target = _target(args)
     cfg = target.cfg
     task = build_task(cfg.task)
-    problems = task.train if args.split == "train" else task.eval
-    problems = problems[: args.num] if args.num else problems
-    model, tokenizer = load_target(target, with_weights=not args.base)
+    problems = task.train if split == "train" else task.eval
+    problems = problems[:num] if num else problems
+    model, tokenizer = loaded or load_target(target, with_weights=not base)
     correctness, runtime = _judge(task, cfg)
     start = time.perf_counter()
     try:
         result = evaluate(
             model, tokenizer, task, correctness, problems=problems,
-            max_new_tokens=args.max_new_tokens or cfg.eval.max_new_tokens or cfg.generation.max_new_tokens,
+            max_new_tokens=max_new_tokens or cfg.eval.max_new_tokens or cfg.generation.max_new_tokens,
             stop_ids=stop_token_ids(model, tokenizer), batch_size=cfg.eval.batch_size,
-            num_samples=args.samples, temperature=args.temperature or cfg.eval.temperature,
+            num_samples=samples, temperature=temperature or cfg.eval.temperature,
             generator=torch.Generator(device=next(model.parameters()).device).manual_seed(cfg.train.seed),
         )  # fmt: skip
     finally:
         runtime.close()
-    label = f"{target.label}{' (base)' if args.base else ''}"
-    data = {"model": label, "task": cfg.task.name, "split": args.split, "seconds": time.perf_counter() - start,
+    label = f"{target.label}{' (base)' if base else ''}"
+    data = {"model": label, "task": cfg.task.name, "split": split, "seconds": time.perf_counter() - start,
             **result.to_dict()}  # fmt: skip
-    if args.output:
-        Path(args.output).write_text(json.dumps(data, indent=2))
-    if args.json:
-        print(json.dumps(data, indent=2))
-        return 0
+    if output:
+        Path(output).write_text(json.dumps(data, indent=2))
+    return data
+
+
+def eval_table(data: dict[str, Any]) -> Table:
+    """graft eval's table of an evaluate_target result."""
     table = Table(
-        title=f"graft eval: {label} on {cfg.task.name} ({args.split}, {result.num_problems} problems)"
+        title=f"graft eval: {data['model']} on {data['task']} ({data['split']}, {data['num_problems']} problems)"
     )
     table.add_column("metric")
     table.add_column("value", justify="right")
-    rows = [("greedy accuracy", result.accuracy), ("strict accuracy", result.accuracy_strict),
-            ("format compliance", result.format_compliance)]  # fmt: skip
-    rows += [(f"pass@{k}", v) for k, v in result.pass_at_k.items()]
-    rows += [(f"maj@{k}", v) for k, v in result.maj_at_k.items()]
-    rows += [("mean length", result.mean_length), ("p95 length", result.p95_length),
-             ("truncation", result.truncated_fraction)]  # fmt: skip
+    rows = [("greedy accuracy", data["accuracy"]), ("strict accuracy", data["accuracy_strict"]),
+            ("format compliance", data["format_compliance"])]  # fmt: skip
+    rows += [(f"pass@{k}", v) for k, v in data["pass_at_k"].items()]
+    rows += [(f"maj@{k}", v) for k, v in data["maj_at_k"].items()]
+    rows += [("mean length", data["mean_length"]), ("p95 length", data["p95_length"]),
+             ("truncation", data["truncated_fraction"])]  # fmt: skip
     for name, value in rows:
         if value is not None:
             table.add_row(name, f"{value:.1f}" if "length" in name else f"{value:.3f}")
-    console.print(table)
+    return table
+
+
+def cmd_eval(args, console: Console) -> int:
+    data = evaluate_target(
+        _target(args), base=args.base, split=args.split, num=args.num, samples=args.samples,
+        temperature=args.temperature, max_new_tokens=args.max_new_tokens, output=args.output,
+    )  # fmt: skip
+    if args.json:
+        print(json.dumps(data, indent=2))
+        return 0
+    console.print(eval_table(data))
     if args.output:
         console.print(f"results: {args.output}")
     return 0
@@ -142,19 +174,33 @@ def cmd_eval(args, console: Console) -> int:
 # ------------------------------------------------------------------------------- generate / chat / compare
 
 
-def cmd_generate(args, console: Console) -> int:
+def generate_replies(
+    target: Target,
+    prompts: list[str],
+    *,
+    max_new_tokens: int | None = None,
+    temperature: float = 0.0,
+    seed: int = 0,
+    loaded: tuple[Any, Any] | None = None,
+) -> list[str]:
+    """One reply per prompt, each asked as a user turn after the run's system prompt, through its chat
+    template (what graft generate prints). loaded: the target's (model, tokenizer) when already held."""
     from graft.inference import generate, load_target
     from graft.tasks import system_prompt
 
+    model, tokenizer = loaded or load_target(target)
+    system = system_prompt(target.cfg.task)
+    return generate(model, tokenizer, [_conversation(system, p) for p in prompts],
+                    max_new_tokens=max_new_tokens or target.cfg.generation.max_new_tokens,
+                    temperature=temperature, seed=seed)  # fmt: skip
+
+
+def cmd_generate(args, console: Console) -> int:
     prompts = _read_prompts(args)
     if not prompts:
         raise ConfigError("nothing to generate from: pass --prompt TEXT (repeatable) or --prompts FILE")
-    target = _target(args)
-    model, tokenizer = load_target(target)
-    system = system_prompt(target.cfg.task)
-    replies = generate(model, tokenizer, [_conversation(system, p) for p in prompts],
-                       max_new_tokens=args.max_new_tokens or target.cfg.generation.max_new_tokens,
-                       temperature=args.temperature, seed=args.seed)  # fmt: skip
+    replies = generate_replies(_target(args), prompts, max_new_tokens=args.max_new_tokens,
+                               temperature=args.temperature, seed=args.seed)  # fmt: skip
     for prompt, reply in zip(prompts, replies, strict=True):
         if args.json:
             print(json.dumps({"prompt": prompt, "completion": reply}))
@@ -254,41 +300,61 @@ def cmd_compare(args, console: Console) -> int:
 # -------------------------------------------------------------------------------------- export / report
 
 
-def cmd_export(args, console: Console) -> int:
-    from graft import export
+def export_target(
+    target: Target,
+    to: str | Path,
+    *,
+    adapter: bool = False,
+    merged: bool = False,
+    gguf: bool = False,
+    gguf_dtype: str = "f16",
+    parity: bool = True,
+    parity_tol: float | None = None,
+    push_to_hub: str | None = None,
+    private: bool = False,
+    force: bool = False,
+    say: Callable[[str], object] = print,
+) -> Path:
+    """What graft export writes into `to` (returned): adapter/ when asked, merged/ (asked, for gguf, or
+    when nothing else is), a GGUF file, then a hub push. say: where each finished piece is reported."""
+    from graft import exporter as export
 
-    target = _target(args)
     if target.weights is None:
         raise ConfigError("export needs a trained model: pass --run runs/<name>")
-    out = Path(args.to)
-    if out.exists() and any(out.iterdir()) and not args.force:
+    out = Path(to)
+    if out.exists() and any(out.iterdir()) and not force:
         raise ConfigError(f"{out} exists and is not empty; choose another --to or pass --force to replace it")
     out.mkdir(parents=True, exist_ok=True)
-    merged = args.merged or args.gguf or not args.adapter  # merged is the default, and GGUF is made from it
+    merged = merged or gguf or not adapter  # merged is the default, and GGUF is made from it
     pushed_folder = None
-    if args.adapter:
+    if adapter:
         path = export.export_adapter(target, out / "adapter")
-        console.print(f"adapter: {path}")
+        say(f"adapter: {path}")
         pushed_folder = path
     if merged:
-        report = export.export_merged(
-            target, out / "merged", parity=not args.no_parity, tolerance=args.parity_tol
-        )
-        console.print(f"merged model: {report['path']} ({report['dtype']})")
+        report = export.export_merged(target, out / "merged", parity=parity, tolerance=parity_tol)
+        say(f"merged model: {report['path']} ({report['dtype']})")
         if "parity_max_abs_logprob_diff" in report:
-            console.print(f"parity: max |log-prob difference| merged vs adapter = "
-                          f"{report['parity_max_abs_logprob_diff']:.2e} nats over {report['parity_tokens']} "
-                          f"tokens (tolerance {report['parity_tolerance']:g})")  # fmt: skip
+            say(f"parity: max |log-prob difference| merged vs adapter = "
+                f"{report['parity_max_abs_logprob_diff']:.2e} nats over {report['parity_tokens']} "
+                f"tokens (tolerance {report['parity_tolerance']:g})")  # fmt: skip
         pushed_folder = out / "merged"
-    if args.gguf:
-        gguf = export.export_gguf(
-            out / "merged", out / f"{target.label}-{args.gguf_dtype}.gguf", args.gguf_dtype
-        )
-        console.print(f"gguf: {gguf['path']} (read back: max |log-prob difference| "
-                      f"{gguf['reload_max_abs_logprob_diff']:.2e}, tolerance {gguf['tolerance']})")  # fmt: skip
-    if args.push_to_hub:
-        url = export.push_to_hub(pushed_folder, args.push_to_hub, private=args.private)
-        console.print(f"pushed {pushed_folder} to {url}")
+    if gguf:
+        written = export.export_gguf(out / "merged", out / f"{target.label}-{gguf_dtype}.gguf", gguf_dtype)
+        say(f"gguf: {written['path']} (read back: max |log-prob difference| "
+            f"{written['reload_max_abs_logprob_diff']:.2e}, tolerance {written['tolerance']})")  # fmt: skip
+    if push_to_hub:
+        url = export.push_to_hub(pushed_folder, push_to_hub, private=private)
+        say(f"pushed {pushed_folder} to {url}")
+    return out
+
+
+def cmd_export(args, console: Console) -> int:
+    export_target(
+        _target(args), args.to, adapter=args.adapter, merged=args.merged, gguf=args.gguf,
+        gguf_dtype=args.gguf_dtype, parity=not args.no_parity, parity_tol=args.parity_tol,
+        push_to_hub=args.push_to_hub, private=args.private, force=args.force, say=console.print,
+    )  # fmt: skip
     return 0
 
 

@@ -13,7 +13,7 @@ from graft.config import Config, ConfigError, load_config
 from graft.evaluation import decode_completions, encode_messages
 from graft.models import load_model, merged_adapter, stop_token_ids
 from graft.rollout.sampler import sample
-from graft.train.checkpoint import latest_checkpoint
+from graft.training.checkpoint import latest_checkpoint
 
 
 @dataclass

@@ -239,15 +239,33 @@ def summary_line(metrics: dict[str, Any]) -> str:
     return "  ".join(parts)
 
 
+def progress_style(mode: str, console: Console, widgets: bool | None = None) -> str:
+    """'bar' or 'lines' for logging.progress `mode` on this console. A notebook has no terminal, but rich
+    draws a live bar there through an ipywidgets Output (and without ipywidgets shows only a warning), so a
+    notebook gets the bar when ipywidgets can be imported and one line per step when not, even if 'bar' was
+    asked. Elsewhere: 'auto' = the bar on a terminal, lines in pipes and CI logs.
+    widgets: whether ipywidgets is importable (default: look it up)."""
+    if mode == "lines":
+        return "lines"
+    if console.is_jupyter:
+        if widgets is None:
+            import importlib.util
+
+            widgets = importlib.util.find_spec("ipywidgets") is not None
+        return "bar" if widgets else "lines"
+    return "bar" if mode == "bar" or sys.stdout.isatty() else "lines"
+
+
 class ProgressDisplay:
-    """A live bar with ETA on a terminal; one plain line per step otherwise (CI logs, pipes)."""
+    """A live bar with ETA on a terminal (or in a notebook with ipywidgets); one plain line per step
+    otherwise (CI logs, pipes): see progress_style."""
 
     def __init__(
         self, total_steps: int, mode: str = "auto", console: Console | None = None, label: str = "GRPO"
     ):
         self.console = console or Console(soft_wrap=True)
         self.total = total_steps
-        self.use_bar = mode == "bar" or (mode == "auto" and sys.stdout.isatty())
+        self.use_bar = progress_style(mode, self.console) == "bar"
         self._start = time.perf_counter()
         self._done_before = 0
         self._last_eval: float | None = None

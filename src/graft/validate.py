@@ -183,7 +183,7 @@ def _check(cfg: Config, estimate: bool = True) -> Checked:
     )
     from graft.rewards.runtime import load_reward
     from graft.tasks import build_task
-    from graft.train.run import RunDir, RunDirError
+    from graft.training.run import RunDir, RunDirError
 
     problems: list[str] = []
     task, rewards = None, {}
@@ -217,7 +217,7 @@ def _check(cfg: Config, estimate: bool = True) -> Checked:
     elif cfg.model.adapter and (adapter_problem := adapter_location_problem(cfg.model.adapter)):
         problems.append(f"'model.adapter': {adapter_problem}")
     if cfg.sft.enabled and task is not None:  # the warm-up's data, before anything trains
-        from graft.train.sft import sft_examples
+        from graft.training.sft import sft_examples
 
         try:
             sft_examples(cfg, task)

@@ -16,7 +16,7 @@ from graft.cpu.sampling import SamplingCopy
 from graft.doctor import report
 from graft.models import add_lora, merged_adapter
 from graft.rollout.sampler import sample
-from graft.train.loop import train
+from graft.training.loop import train
 
 VOCAB = 70
 PROMPTS = [[1, 33, 31, 17, 6, 65, 7], [1, 40, 8], [1, 20, 21, 22, 23]]

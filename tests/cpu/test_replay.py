@@ -13,7 +13,7 @@ from graft.cpu.replay import replay_backward
 from graft.cpu.sampling import SamplingCopy
 from graft.models import add_lora
 from graft.rollout.sampler import sample
-from graft.train.grpo import completion_logprobs
+from graft.training.grpo import completion_logprobs
 
 VOCAB = 70
 PROMPTS = [[1, 33, 31, 17, 6, 65, 7], [1, 40, 8], [1, 20, 21, 22, 23]]
@@ -83,7 +83,7 @@ def test_replayed_backward_gives_the_two_pass_loss_and_gradients(arch, temperatu
 def test_mixed_precision_replay_is_close_to_the_float32_gradient():
     """bfloat16 sampling copy + bfloat16 autocast (graft-bf16): the replay backpropagates through the bf16
     sampler's forward, an approximation like autocast's, held to the same bar as the autocast training pass
-    (tests/train/test_fast_paths.py): gradients pointing the same way as float32's."""
+    (tests/training/test_fast_paths.py): gradients pointing the same way as float32's."""
     model = add_lora(build_tiny_model(VOCAB), LoraConfig(r=4), seed=0)
     with torch.no_grad():
         for name, p in model.named_parameters():

@@ -7,7 +7,7 @@ import pytest
 
 from graft.config import ConfigError, load_config
 from graft.rewards.runtime import RewardError, RewardRuntime, load_reward
-from graft.train.loop import train
+from graft.training.loop import train
 
 REWARDS = """
 import asyncio, math, time

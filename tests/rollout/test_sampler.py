@@ -10,7 +10,7 @@ from graft.rollout.sampler import (
     position_ids_from_mask,
     sample,
 )
-from graft.train.grpo import completion_logprobs
+from graft.training.grpo import completion_logprobs
 
 EOS = 2
 PROMPTS = [[1, 33, 31, 17, 6, 65, 7], [1, 40, 8], [1, 20, 21, 22, 23]]

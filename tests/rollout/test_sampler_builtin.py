@@ -8,7 +8,7 @@ from graft.evaluation import encode_prompts
 from graft.models import stop_token_ids
 from graft.rollout.sampler import sample
 from graft.tasks import build_task
-from graft.train.grpo import completion_logprobs
+from graft.training.grpo import completion_logprobs
 
 pytestmark = pytest.mark.slow
 

@@ -16,8 +16,8 @@ from graft.evaluation import encode_messages
 from graft.models import add_lora, load_model, stop_token_ids
 from graft.tasks import Problem, Task
 from graft.tracking import MetricsWriter, ProgressDisplay
-from graft.train.checkpoint import save_model
-from graft.train.run import setup_process
+from graft.training.checkpoint import save_model
+from graft.training.run import setup_process
 
 Example = tuple[list[dict[str, str]], str]  # (prompt messages, wanted completion)
 

@@ -12,7 +12,7 @@ import torch
 
 from graft.inference import Target, generate, load_target
 from graft.tasks import system_prompt
-from graft.train.checkpoint import CheckpointError, atomic_dir
+from graft.training.checkpoint import CheckpointError, atomic_dir
 
 
 class ExportError(RuntimeError):

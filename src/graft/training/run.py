@@ -20,7 +20,7 @@ from rich.table import Table
 
 from graft.config import Config, TrainConfig
 from graft.tasks import Problem, Task
-from graft.train.checkpoint import is_complete, latest_checkpoint
+from graft.training.checkpoint import is_complete, latest_checkpoint
 
 
 class RunDirError(RuntimeError):

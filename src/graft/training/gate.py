@@ -11,7 +11,7 @@ import torch
 
 from graft.rewards.runtime import RewardRuntime, reward_name
 from graft.tasks import Task
-from graft.train.grpo import StepSetup, reward_inputs, sample_groups
+from graft.training.grpo import StepSetup, reward_inputs, sample_groups
 
 
 class GateError(RuntimeError):
@@ -25,9 +25,7 @@ class GateResult:
     example: str  # one probe completion, shown when the gate refuses
 
     def failing(self) -> list[str]:
-        return [
-            name for name in self.gated if not any(s for s in self.scores.get(name, []) if s is not None)
-        ]
+        return [name for name in self.gated if not any(s for s in self.scores.get(name, []) if s is not None)]
 
     def summary(self) -> dict[str, dict[str, float]]:
         out = {}

@@ -1,6 +1,6 @@
 """A GRPO run around its steps: checks and setup once, then grpo_step after grpo_step, with the
 bookkeeping each step needs (metrics, completions log, health alarms, evaluation, checkpoints, stopping),
-and the final adapter, evaluation and report. The step itself is graft.train.grpo.grpo_step."""
+and the final adapter, evaluation and report. The step itself is graft.training.grpo.grpo_step."""
 
 from __future__ import annotations
 
@@ -20,18 +20,18 @@ from graft.models import add_lora, load_model, merged_adapter, stop_token_ids
 from graft.report import write_report
 from graft.rewards.runtime import RewardRuntime
 from graft.tracking import ProgressDisplay, Tracker
-from graft.train.checkpoint import (
+from graft.training.checkpoint import (
     load_trainer_state,
     remove_torn_saves,
     restore_checkpoint,
     save_checkpoint,
     save_model,
 )
-from graft.train.gate import run_gate
-from graft.train.grpo import StepSetup, grpo_step
-from graft.train.records import completion_rows
-from graft.train.run import PromptOrder, RunDir, StopRequest, build_optimizer, setup_process
-from graft.train.sft import warm_start
+from graft.training.gate import run_gate
+from graft.training.grpo import StepSetup, grpo_step
+from graft.training.records import completion_rows
+from graft.training.run import PromptOrder, RunDir, StopRequest, build_optimizer, setup_process
+from graft.training.sft import warm_start
 from graft.validate import Checked, validate_or_raise
 
 

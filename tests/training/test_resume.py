@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 
 from graft.config import load_config
 from graft.rewards import builtin
-from graft.train.loop import TrainingInterrupted, train
+from graft.training.loop import TrainingInterrupted, train
 
 # timing metrics differ between any two runs; everything else must match bit for bit
 TIMING = ("tokens_per_s", "time/step", "time/rollout", "time/reward", "time/train")
@@ -118,7 +118,7 @@ def test_nonfinite_updates_are_skipped_then_the_run_stops(tiny_model_dir, tmp_pa
     cfg = resume_config(tiny_model_dir, tmp_path, "nan", "rewards.functions=[absurd_scale]",
                         "grpo.scale_rewards=none", "train.max_nonfinite_steps=2",
                         "checkpoint.every_n_steps=1")  # fmt: skip
-    from graft.train.loop import TrainingError
+    from graft.training.loop import TrainingError
 
     with pytest.raises(TrainingError) as err:
         train(cfg)
@@ -138,8 +138,8 @@ import sys, time, torch
 sys.path.insert(0, {tests!r})
 from conftest import build_tiny_model  # noqa: F401  (keeps the test tree importable)
 from graft.config import load_config
-from graft.train.loop import train
-import graft.train.checkpoint as checkpoint
+from graft.training.loop import train
+import graft.training.checkpoint as checkpoint
 
 slow_step = {slow_step}
 real_save = torch.save
@@ -219,7 +219,7 @@ def test_signal_ends_the_step_writes_a_checkpoint_and_says_how_to_resume(tiny_mo
 
 DISK_SCRIPT = """
 import resource, signal, sys
-import graft.train.loop as loop
+import graft.training.loop as loop
 from graft.cli import main
 
 real_save = loop.save_checkpoint

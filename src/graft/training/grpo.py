@@ -3,7 +3,7 @@
 A step samples `prompts_per_step` prompts, G completions each (the groups), scores them, turns the scores
 into group-relative advantages and takes `num_iterations x num_minibatches` optimizer steps on that batch.
 The math is in graft.algo; this file only moves tensors between the model and those functions. Everything
-built once per run (model, optimizer, rewards) is a StepSetup, made by graft.train.loop, which also does
+built once per run (model, optimizer, rewards) is a StepSetup, made by graft.training.loop, which also does
 the bookkeeping around the steps (evaluation, checkpoints, health, logs).
 """
 
@@ -24,12 +24,12 @@ from graft.models import merged_adapter, plain_linear_head, split_lm_head
 from graft.rewards.runtime import RewardRuntime, reward_name
 from graft.rollout.sampler import position_ids_from_mask, sample
 from graft.tasks import Problem, Task
-from graft.train.records import PhaseTimer, step_metrics
+from graft.training.records import PhaseTimer, step_metrics
 
 
 @dataclass
 class StepSetup:
-    """Everything a GRPO step uses that is built once per run (graft.train.loop.setup_training)."""
+    """Everything a GRPO step uses that is built once per run (graft.training.loop.setup_training)."""
 
     cfg: Config
     task: Task

@@ -6,7 +6,7 @@ import pytest
 from safetensors.torch import load_file
 
 from graft.config import load_config
-from graft.train.loop import train
+from graft.training.loop import train
 
 
 @pytest.mark.slow

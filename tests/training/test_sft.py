@@ -7,7 +7,7 @@ import torch
 
 from graft.config import ConfigError, TaskConfig, load_config
 from graft.tasks import build_task
-from graft.train.sft import collate, encode_example, read_sft_jsonl, run_sft, sft_examples
+from graft.training.sft import collate, encode_example, read_sft_jsonl, run_sft, sft_examples
 
 
 @pytest.fixture
@@ -91,7 +91,7 @@ def test_full_sft_learns_the_demonstrations(tiny_model_dir, tmp_path):
 
 def test_grpo_starts_from_an_sft_adapter(tiny_model_dir, tmp_path):
     from graft.models import load_model
-    from graft.train.loop import train
+    from graft.training.loop import train
 
     cfg = sft_config(tiny_model_dir, tmp_path, "sft.max_steps=4")
     final = run_sft(cfg, build_task(cfg.task), tmp_path / "warmup")

@@ -12,8 +12,8 @@ from graft.batch import ScoredBatch
 from graft.config import load_config
 from graft.rewards import builtin
 from graft.rollout.sampler import sample
-from graft.train.grpo import update_policy
-from graft.train.loop import train
+from graft.training.grpo import update_policy
+from graft.training.loop import train
 
 
 def digit_share(prompts, completions, **_):
@@ -155,7 +155,7 @@ def test_replayed_update_trains_like_the_two_pass_update(tiny_model_dir, tmp_pat
     assert step["grad_norm"] == pytest.approx(want["grad_norm"], rel=1e-4)
     assert want["grad_norm"] > 0
     # Adam's first step is lr * sign(gradient): an entry whose gradient is rounding noise may flip, so most
-    # entries, not all, must agree (tests/train/test_replay.py compares the gradients themselves)
+    # entries, not all, must agree (tests/training/test_replay.py compares the gradients themselves)
     same = torch.cat(
         [(weight - want_adapter[name]).abs().flatten() < 1e-6 for name, weight in adapter.items()]
     )

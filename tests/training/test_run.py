@@ -3,12 +3,12 @@ import sys
 
 import pytest
 
-from graft.train.run import glibc
+from graft.training.run import glibc
 
 # A training-step-shaped loop: (512, 1536) activations allocated and freed again and again.
 _FAULTS = """
 import resource, sys, torch
-from graft.train.run import keep_freed_memory
+from graft.training.run import keep_freed_memory
 if sys.argv[1] == "on":
     assert keep_freed_memory()
 else:  # glibc's default thresholds, held fixed: left dynamic they settle differently from run to run

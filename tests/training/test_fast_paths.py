@@ -9,7 +9,7 @@ from graft.batch import ScoredBatch
 from graft.config import LoraConfig, load_config
 from graft.models import add_lora, merged_adapter
 from graft.rollout.sampler import position_ids_from_mask, sample
-from graft.train.grpo import completion_logprobs, frozen_logprobs, prompt_runs, update_policy
+from graft.training.grpo import completion_logprobs, frozen_logprobs, prompt_runs, update_policy
 
 PROMPTS = [[1, 33, 31, 17], [1, 40, 8, 9, 10], [1, 5]]
 
