@@ -53,6 +53,19 @@ def test_entropy_collapse():
     assert fired[-1] == ["entropy_collapse"] or fired[-2] == ["entropy_collapse"]
 
 
+def test_a_length_change_that_comes_with_learning_raises_no_alarm():
+    """Answers losing their padding while accuracy climbs is the task being learned, not length hacking; the
+    same change with accuracy flat is the warning sign."""
+    shorter_and_right = [{"completion_length/mean": 40.0, "accuracy": 0.3}] * 3 + [
+        {"completion_length/mean": 12.0, "accuracy": 0.6}
+    ] * 3
+    fired, *_ = run_stream(shorter_and_right)
+    assert "length_drift" not in sum(fired, [])
+    shorter_only = [{**row, "accuracy": 0.3} for row in shorter_and_right]
+    fired, *_ = run_stream(shorter_only)
+    assert "length_drift" in sum(fired, [])
+
+
 @pytest.mark.parametrize("end, fires", [(100.0, True), (15.0, True), (60.0, False)])
 def test_length_drift_both_ways(end, fires):
     fired, *_ = run_stream([{"completion_length/mean": 40.0}] * 3 + [{"completion_length/mean": end}] * 3)

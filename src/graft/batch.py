@@ -44,3 +44,49 @@ class ScoredBatch:
     ref_logprobs: torch.Tensor | None  # (B, T) the reference policy; None when beta = 0
     completions: list[str] = field(default_factory=list)  # (B,) decoded, as the rewards saw them
     reward_components: dict[str, torch.Tensor] = field(default_factory=dict)  # name -> (B,) each function
+    problems: list = field(default_factory=list)  # (B / G,) the problem of each group
+    loss_rows: torch.Tensor | None = None  # (B,) bool: rows the loss counts (dynamic sampling); None = all
+
+
+def select_groups(rollout: Rollout, groups: list[int]) -> Rollout:
+    """The rollout's groups `groups` (indices of groups, in that order) as a rollout of their own."""
+    G = rollout.group_size
+    rows = torch.tensor([g * G + i for g in groups for i in range(G)], dtype=torch.long)
+    entropy = None if rollout.entropy is None else rollout.entropy[rows]
+    return Rollout(
+        prompt_ids=rollout.prompt_ids[rows],
+        prompt_mask=rollout.prompt_mask[rows],
+        completion_ids=rollout.completion_ids[rows],
+        completion_mask=rollout.completion_mask[rows],
+        logprobs=rollout.logprobs[rows],
+        truncated=rollout.truncated[rows],
+        group_size=G,
+        entropy=entropy,
+    )
+
+
+def concat_rollouts(rollouts: list[Rollout], pad_id: int) -> Rollout:
+    """One rollout from several of the same group size: prompts left-padded and completions right-padded
+    to the widest, with masks (and log-probs, entropies) zero on the added padding."""
+    P = max(r.prompt_ids.shape[1] for r in rollouts)
+    T = max(r.completion_ids.shape[1] for r in rollouts)
+
+    def left(x: torch.Tensor, width: int, value) -> torch.Tensor:  # (B, w) -> (B, width), padded on the left
+        return torch.nn.functional.pad(x, (width - x.shape[1], 0), value=value)
+
+    def right(x: torch.Tensor, width: int, value) -> torch.Tensor:
+        return torch.nn.functional.pad(x, (0, width - x.shape[1]), value=value)
+
+    entropies = [r.entropy for r in rollouts]
+    return Rollout(
+        prompt_ids=torch.cat([left(r.prompt_ids, P, pad_id) for r in rollouts]),
+        prompt_mask=torch.cat([left(r.prompt_mask, P, 0) for r in rollouts]),
+        completion_ids=torch.cat([right(r.completion_ids, T, pad_id) for r in rollouts]),
+        completion_mask=torch.cat([right(r.completion_mask, T, 0) for r in rollouts]),
+        logprobs=torch.cat([right(r.logprobs, T, 0.0) for r in rollouts]),
+        truncated=torch.cat([r.truncated for r in rollouts]),
+        group_size=rollouts[0].group_size,
+        entropy=None
+        if any(e is None for e in entropies)
+        else torch.cat([right(e, T, 0.0) for e in entropies]),
+    )

@@ -161,6 +161,14 @@ class GrpoConfig(_Section):
     )
     num_iterations: int = Field(1, ge=1, description="policy updates per rollout batch (mu)")
     num_minibatches: int = Field(1, ge=1, description="optimizer steps per iteration over the rollout batch")
+    dynamic_sampling: bool = Field(
+        False,
+        description="DAPO: train only on groups whose rewards differ, drawing more prompts until "
+        "train.prompts_per_step such groups (or grpo.max_sampling_rounds rollouts)",
+    )
+    max_sampling_rounds: int = Field(
+        3, ge=1, description="dynamic sampling: rollouts per step at most (the first included)"
+    )
 
 
 class GenerationConfig(_Section):
@@ -322,6 +330,12 @@ class HealthConfig(_Section):
     )
     length_drift_ratio: float = Field(
         2.0, gt=1, description="alarm when mean completion length moves by this factor from its start"
+    )
+    length_drift_explained_gain: float = Field(
+        0.1,
+        ge=0,
+        description="no length_drift alarm when sampled accuracy rose by at least this meanwhile (the length "
+        "change came with learning, e.g. answers losing their padding)",
     )
     kl_max: float = Field(1.0, gt=0, description="alarm when the KL to the reference exceeds this")
     format_gap: float = Field(

@@ -96,7 +96,9 @@ class HealthMonitor:
                     )
                 )
         lengths = self._start_and_now("completion_length/mean")
-        if lengths:
+        accuracy = self._start_and_now("accuracy")
+        learned = accuracy is not None and accuracy[1] - accuracy[0] >= c.length_drift_explained_gain
+        if lengths and not learned:
             start, now = lengths
             if start > 0 and not (1 / c.length_drift_ratio <= now / start <= c.length_drift_ratio):
                 found.append(
@@ -118,7 +120,6 @@ class HealthMonitor:
                     "lower train.learning_rate or raise grpo.beta",
                 )
             )
-        accuracy = self._start_and_now("accuracy")
         for key in [k for k in m if k.startswith("reward/") and "format" in k and k.endswith("/mean")]:
             fmt = self._start_and_now(key)
             if fmt and accuracy:

@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import contextlib
 import functools
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
 from graft import algo
-from graft.batch import Rollout, ScoredBatch
+from graft.batch import Rollout, ScoredBatch, concat_rollouts, select_groups
 from graft.config import Config
 from graft.cpu.fast_path import FastPath
 from graft.evaluation import decode_completions, encode_prompts
@@ -49,24 +50,28 @@ class StepSetup:
     ref_model: torch.nn.Module | None  # full fine-tuning with beta > 0; LoRA uses the adapter-off policy
 
 
-def grpo_step(setup: StepSetup, problems: list[Problem]) -> tuple[ScoredBatch, dict]:
-    """One GRPO step on `problems`; returns the scored batch and the step's metrics.
+def grpo_step(setup: StepSetup, draw_problems: Callable[[int], list[Problem]]) -> tuple[ScoredBatch, dict]:
+    """One GRPO step on the next `train.prompts_per_step` problems; returns the scored batch and the step's
+    metrics.
 
     1. rollout: G completions per prompt (a group), their token ids and sampling log-probs;
     2. rewards: every completion scored by each reward function, weighted into one total;
-    3. advantages: each total against its group's mean (scaled per grpo.scale_rewards);
-    4. frozen log-probs: the old policy's when the batch outlives an update, the reference's when beta > 0;
-    5. update: num_iterations x num_minibatches optimizer steps on the clipped policy loss.
+    3. dynamic sampling (grpo.dynamic_sampling): groups whose rewards all agree teach nothing, so more
+       problems are drawn and sampled until the batch has enough groups that differ (DAPO);
+    4. advantages: each total against its group's mean (scaled per grpo.scale_rewards);
+    5. frozen log-probs: the old policy's when the batch outlives an update, the reference's when beta > 0;
+    6. update: num_iterations x num_minibatches optimizer steps on the clipped policy loss.
     """
     cfg, timer = setup.cfg, PhaseTimer()
-    with timer.phase("rollout"):
-        rollout = sample_groups(setup, problems)
-    with timer.phase("reward"):
-        completions, rewards, components = score_rollout(setup, problems, rollout)
-    with timer.phase("train"):  # steps 3-5
-        advantages, zero_variance = algo.group_advantages(rewards, rollout.group_size, cfg.grpo.scale_rewards)
-        old, ref = old_and_reference_logprobs(setup, rollout)
-        batch = ScoredBatch(rollout, rewards, advantages, old, ref, completions, components)
+    batch = sample_and_score(setup, draw_problems(cfg.train.prompts_per_step), timer)
+    sampling = {}
+    if cfg.grpo.dynamic_sampling:
+        batch, sampling = keep_groups_with_signal(setup, batch, draw_problems, timer)
+    with timer.phase("train"):  # steps 4-6
+        batch.advantages, zero_variance = algo.group_advantages(
+            batch.rewards, cfg.grpo.num_generations, cfg.grpo.scale_rewards
+        )
+        batch.old_logprobs, batch.ref_logprobs = old_and_reference_logprobs(setup, batch.rollout)
         update = update_policy(
             setup.policy,
             setup.optimizer,
@@ -77,10 +82,97 @@ def grpo_step(setup: StepSetup, problems: list[Problem]) -> tuple[ScoredBatch, d
             setup.params,
             setup.fast_path,
         )
-    metrics = {**step_metrics(batch, zero_variance), **setup.rewards.metrics(), **update, **timer.metrics()}
-    metrics["accuracy"] = (components[setup.correctness_name] >= 1.0).float().mean().item()
-    metrics["tokens_per_s"] = int(rollout.completion_mask.sum()) / metrics["time/step"]
+    metrics = {**step_metrics(batch, zero_variance), **sampling, **setup.rewards.metrics(), **update}
+    metrics.update(timer.metrics())
+    metrics["accuracy"] = (batch.reward_components[setup.correctness_name] >= 1.0).float().mean().item()
+    metrics["tokens_per_s"] = int(batch.rollout.completion_mask.sum()) / metrics["time/step"]
     return batch, metrics
+
+
+def sample_and_score(setup: StepSetup, problems: list[Problem], timer: PhaseTimer) -> ScoredBatch:
+    """Steps 1 and 2 for `problems`: the rollout and its rewards (advantages follow in grpo_step)."""
+    with timer.phase("rollout"):
+        rollout = sample_groups(setup, problems)
+    with timer.phase("reward"):
+        completions, rewards, components = score_rollout(setup, problems, rollout)
+    no_advantages = torch.zeros_like(rewards)
+    return ScoredBatch(rollout, rewards, no_advantages, None, None, completions, components, problems)
+
+
+def keep_groups_with_signal(
+    setup: StepSetup, first: ScoredBatch, draw_problems: Callable[[int], list[Problem]], timer: PhaseTimer
+) -> tuple[ScoredBatch, dict]:
+    """DAPO's dynamic sampling: keep the groups whose rewards differ (the others have advantage 0 and only
+    dilute the loss); while fewer than train.prompts_per_step are kept, draw that many more problems and
+    sample again, at most grpo.max_sampling_rounds rollouts in all. Returns the batch of kept groups (at
+    most prompts_per_step; all of the first rollout's when none differ anywhere) and what was drawn,
+    kept and dropped. A single round keeps its rollout and masks the dropped groups out of the loss, so the
+    fast path can still replay it; several rounds are joined into one rollout of the kept groups."""
+    cfg, G, want = setup.cfg, setup.cfg.grpo.num_generations, setup.cfg.train.prompts_per_step
+    rounds = [first]
+    signal = [(0, g) for g in _groups_with_signal(first, G)]
+    while len(signal) < want and len(rounds) < cfg.grpo.max_sampling_rounds:
+        rounds.append(sample_and_score(setup, draw_problems(want), timer))
+        signal += [(len(rounds) - 1, g) for g in _groups_with_signal(rounds[-1], G)]
+    drawn = sum(len(r.problems) for r in rounds)
+    kept = signal[:want]
+    counts = {
+        "sampling/rounds": len(rounds),
+        "sampling/groups_drawn": drawn,
+        "sampling/groups_kept": len(kept),
+    }
+    counts["sampling/groups_dropped"] = drawn - len(kept)
+    counts["zero_variance_group_fraction"] = 1 - len(signal) / drawn  # over every group drawn
+    if not kept:  # no signal anywhere: the first rollout, every advantage 0 (counted, nothing learned)
+        counts["sampling/groups_kept"], counts["sampling/groups_dropped"] = (
+            len(first.problems),
+            drawn - len(first.problems),
+        )
+        return first, counts
+    if len(rounds) == 1:
+        keep_groups = torch.zeros(len(first.problems), dtype=torch.bool)
+        keep_groups[[g for _, g in kept]] = True
+        first.loss_rows = keep_groups.repeat_interleave(G)
+        return first, counts
+    with timer.phase("rollout"):
+        parts = [_select(rounds[i], [g for j, g in kept if j == i]) for i in range(len(rounds))]
+        parts = [p for p in parts if p.problems]
+        rollout = concat_rollouts([p.rollout for p in parts], setup.tokenizer.pad_token_id)
+    components = {
+        name: torch.cat([p.reward_components[name] for p in parts]) for name in first.reward_components
+    }
+    batch = ScoredBatch(
+        rollout,
+        torch.cat([p.rewards for p in parts]),
+        torch.cat([p.advantages for p in parts]),
+        None,
+        None,
+        [c for p in parts for c in p.completions],
+        components,
+        [problem for p in parts for problem in p.problems],
+    )
+    return batch, counts
+
+
+def _groups_with_signal(batch: ScoredBatch, group_size: int) -> list[int]:
+    _, zero_variance = algo.group_advantages(batch.rewards, group_size, "none")
+    return (~zero_variance).nonzero().squeeze(1).tolist()
+
+
+def _select(batch: ScoredBatch, groups: list[int]) -> ScoredBatch:
+    """The batch's groups `groups`, as a batch of their own (before advantages)."""
+    G = batch.rollout.group_size
+    rows = torch.tensor([g * G + i for g in groups for i in range(G)], dtype=torch.long)
+    return ScoredBatch(
+        select_groups(batch.rollout, groups),
+        batch.rewards[rows],
+        batch.advantages[rows],
+        None,
+        None,
+        [batch.completions[int(i)] for i in rows],
+        {name: values[rows] for name, values in batch.reward_components.items()},
+        [batch.problems[g] for g in groups],
+    )
 
 
 # --------------------------------------------------------------------------------------------- rollout
@@ -328,10 +420,17 @@ def minibatch_backward(
     whether it was replayed). The fast path replays the rollout's forward when it recorded one for this
     batch; otherwise a forward and a backward per micro-batch."""
     rollout = batch.rollout
-    num_tokens = int(rollout.completion_mask[minibatch].sum())
-    loss = functools.partial(
-        grpo_loss, batch=batch, minibatch_size=len(minibatch), num_tokens=num_tokens, cfg=cfg
+    counted = (
+        torch.ones(len(rollout.completion_ids), dtype=torch.bool)
+        if batch.loss_rows is None
+        else batch.loss_rows
     )
+
+    def loss(logprobs: torch.Tensor, rows: torch.Tensor, mask: torch.Tensor) -> algo.PolicyLossOutput:
+        mask = mask * counted[rows, None].to(mask.device, mask.dtype)  # rows left out by dynamic sampling
+        return grpo_loss(logprobs, batch, rows, mask, max(int(counted[minibatch].sum()), 1), num_tokens, cfg)
+
+    num_tokens = int(rollout.completion_mask[minibatch][counted[minibatch]].sum())
     if fast_path is not None and len(minibatch) == len(rollout.completion_ids):
         replay_loss = functools.partial(loss, rows=minibatch, mask=rollout.completion_mask.to(device))
         out = fast_path.replay_backward(policy, rollout, cfg.generation.temperature, replay_loss)

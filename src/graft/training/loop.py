@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 from rich.markup import escape
 
+from graft.batch import ScoredBatch
 from graft.config import Config
 from graft.cpu.fast_path import FastPath
 from graft.cpu.plan import plan_fast_paths
@@ -171,13 +172,13 @@ class Bookkeeping:
             keep_last_n=self.cfg.checkpoint.keep_last_n,
         )
 
-    def after_step(self, step: int, problems, batch, metrics: dict, stopping: bool) -> None:
+    def after_step(self, step: int, batch: ScoredBatch, metrics: dict, stopping: bool) -> None:
         """Health alarms, completions log, the non-finite rule, periodic evaluation and checkpoint, the
         metrics row and the progress display, in that order."""
         cfg, display = self.cfg, self.display
         for alarm in self.health.check(metrics):
             display.print(f"[bold yellow]health:[/bold yellow] {escape(alarm.message())}")
-        rows = completion_rows(step, problems, batch)
+        rows = completion_rows(step, batch)
         self.tracker.write_completions(rows)
         if cfg.logging.completions_every and step % cfg.logging.completions_every == 0:
             display.completions_table(step, rows)
@@ -188,7 +189,7 @@ class Bookkeeping:
             raise TrainingError(
                 f"step {step}: the loss or gradient was not finite in every update of the last "
                 f"{self.nonfinite_streak} steps, so the weights were left as they were and the run stops. "
-                f"Batch prompts: {[p.prompt for p in problems]}. Try a lower train.learning_rate, "
+                f"Batch prompts: {[p.prompt for p in batch.problems]}. Try a lower train.learning_rate, "
                 "rewards on a sane scale (or grpo.scale_rewards=group), or train.max_grad_norm."
             )
         final_eval_follows = cfg.eval.at_end and step == cfg.train.max_steps
@@ -248,10 +249,9 @@ def train(cfg: Config, console=None, stop_after: int | None = None) -> Path:
         display.start(books.first_step - 1)
         with StopRequest() as stop:
             for step in range(books.first_step, cfg.train.max_steps + 1):
-                problems = books.order.next_problems(cfg.train.prompts_per_step)
-                batch, metrics = grpo_step(setup, problems)
+                batch, metrics = grpo_step(setup, books.order.next_problems)
                 stopping = stop.requested or step == stop_after
-                books.after_step(step, problems, batch, {"step": step, **metrics}, stopping)
+                books.after_step(step, batch, {"step": step, **metrics}, stopping)
                 if stopping and step < cfg.train.max_steps:
                     raise TrainingInterrupted(step, run.path)
         display.close()

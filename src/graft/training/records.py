@@ -36,12 +36,12 @@ def step_metrics(batch: ScoredBatch, zero_variance: torch.Tensor) -> dict:
     return metrics
 
 
-def completion_rows(step: int, problems, batch: ScoredBatch) -> list[dict]:
+def completion_rows(step: int, batch: ScoredBatch) -> list[dict]:
     """One completions-log record per completion: what was asked, what came back, how it scored."""
     rollout, group_size = batch.rollout, batch.rollout.group_size
     rows = []
     for i, text in enumerate(batch.completions):
-        problem = problems[i // group_size]
+        problem = batch.problems[i // group_size]
         rewards = {f"reward/{name}": values[i].item() for name, values in batch.reward_components.items()}
         rows.append(
             {
