@@ -12,6 +12,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from graft.commands import count
 from graft.config import ConfigError, describe, load_config
 from graft.quiet import quiet_libraries
 
@@ -32,6 +33,10 @@ def cmd_validate(args: argparse.Namespace, console: Console) -> int:
     console.print("[green]config OK[/green]" + (f"; memory estimate: {memory.describe()}" if memory else ""))
     for line in checked.paths.report_lines() if checked.paths else []:
         console.print(escape(line))
+    for note in checked.notes:
+        console.print(f"[yellow]{escape(note)}[/yellow]")
+    if checked.resume_changes:
+        console.print("resuming changes (recorded by the run): " + escape("; ".join(checked.resume_changes)))
     return 0
 
 
@@ -74,7 +79,11 @@ def cmd_config(args: argparse.Namespace, console: Console) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="graft", description="GRPO fine-tuning for reasoning LLMs")
+    parser = argparse.ArgumentParser(
+        prog="graft",
+        description="GRPO fine-tuning for reasoning LLMs",
+        epilog="--debug (anywhere on the line): show the Python traceback behind an error",
+    )
     sub = parser.add_subparsers(dest="command", required=True)
 
     train = sub.add_parser("train", help="run GRPO training from a YAML recipe plus key=value overrides")
@@ -105,7 +114,7 @@ def build_parser() -> argparse.ArgumentParser:
     comp.add_argument("--step", type=int, help="only this step")
     comp.add_argument("--min-reward", type=float, help="only completions scoring at least this")
     comp.add_argument("--max-reward", type=float, help="only completions scoring at most this")
-    comp.add_argument("--limit", type=int, default=20, help="rows to show (default 20)")
+    comp.add_argument("--limit", type=count(1), default=20, help="rows to show (default 20)")
     comp.set_defaults(func=cmd_completions)
 
     config = sub.add_parser("config", help="print the resolved config, or every key with its help (--keys)")
@@ -131,11 +140,14 @@ def _split_config_arg(args: argparse.Namespace) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
+    argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["bench"]:
         from graft.bench import main as bench_main
 
         return bench_main(argv[1:])
+    # --debug anywhere (or GRAFT_DEBUG=1): errors show their Python traceback as well as the message
+    debug = "--debug" in argv or os.environ.get("GRAFT_DEBUG", "") not in ("", "0")
+    argv = [a for a in argv if a != "--debug"]
     args = build_parser().parse_args(argv)
     if args.command in ("train", "validate", "config", "doctor") or getattr(args, "split_config", False):
         _split_config_arg(args)
@@ -150,22 +162,54 @@ def main(argv: list[str] | None = None) -> int:
     from graft.training.checkpoint import CheckpointError
     from graft.training.gate import GateError
     from graft.training.loop import TrainingError, TrainingInterrupted
-    from graft.training.run import RunDirError
+    from graft.training.run import RunDirError, StepAborted
 
     try:
         return args.func(args, console)
     except (ConfigError, ModelError, RunDirError) as exc:
+        _traceback(err, debug)
         err.print(f"[bold red]error:[/bold red] {escape(str(exc))}", highlight=False)
         return 2
     except (TrainingError, CheckpointError, RewardError, GateError, ExportError) as exc:
+        _traceback(err, debug)
         err.print(f"[bold red]training stopped:[/bold red] {escape(str(exc))}", highlight=False)
         return 1
     except TrainingInterrupted as exc:
         console.print(f"[yellow]{escape(str(exc))}[/yellow]\n" + resume_hint(args, exc.run_dir))
         return 130
+    except StepAborted as exc:
+        _traceback(err, debug)
+        err.print(f"[yellow]interrupted[/yellow]: {escape(str(exc))}")
+        return 130
     except KeyboardInterrupt:
         err.print("[yellow]interrupted[/yellow] (no checkpoint was written since the last one)")
         return 130
+    except Exception as exc:  # noqa: BLE001 - the one place that turns the unforeseen into a message
+        if debug:
+            raise
+        err.print(f"[bold red]error:[/bold red] {escape(unexpected_message(exc))}", highlight=False)
+        return 1
+
+
+def unexpected_message(exc: BaseException) -> str:
+    """One paragraph for an error no check foresaw: what it was, where a file or disk is involved, and how
+    to see the traceback."""
+    if isinstance(exc, OSError) and exc.strerror:
+        what = f"{exc.strerror}" + (f": {exc.filename}" if exc.filename else "")
+        return f"{what} ({type(exc).__name__}); check the path, its permissions and free disk space"
+    lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()]
+    text = lines[0][:300] + (" ..." if len(lines) > 1 or len(lines[0]) > 300 else "") if lines else ""
+    return (
+        f"{type(exc).__name__}: {text}. graft did not expect this; run the same command with --debug "
+        "for the traceback (and please report it)"
+    )
+
+
+def _traceback(err: Console, debug: bool) -> None:
+    if debug:
+        import traceback
+
+        err.print(escape(traceback.format_exc()), highlight=False)
 
 
 def resume_hint(args: argparse.Namespace, run_dir) -> str:

@@ -82,8 +82,8 @@ def cmd_sft(args, console: Console) -> int:
     if not cfg.logging.run_name:
         cfg.logging.run_name = f"{cfg.task.name}-sft-{time.strftime('%Y%m%d-%H%M%S')}"
     out = Path(cfg.logging.output_dir) / cfg.logging.run_name
-    if out.exists() and any(out.iterdir()):
-        raise ConfigError(f"{out} already exists and is not empty; pick another logging.run_name")
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise ConfigError(f"{out} already exists and is not an empty folder; pick another logging.run_name")
     final = run_sft(cfg, build_task(cfg.task), out, console)
     console.print(f"SFT adapter: {final}\nGRPO from it:  graft train <recipe> model.adapter={final}")
     return 0
@@ -115,9 +115,10 @@ def evaluate_target(
 
     cfg = target.cfg
     task = build_task(cfg.task)
+    model, tokenizer = loaded or load_target(target, with_weights=not base)
+    fit_to_model(cfg, task, model, tokenizer)
     problems = task.train if split == "train" else task.eval
     problems = problems[:num] if num else problems
-    model, tokenizer = loaded or load_target(target, with_weights=not base)
     correctness, runtime = _judge(task, cfg)
     start = time.perf_counter()
     try:
@@ -136,6 +137,15 @@ def evaluate_target(
     if output:
         Path(output).write_text(json.dumps(data, indent=2))
     return data
+
+
+def fit_to_model(cfg, task, model, tokenizer) -> None:
+    """task.long_prompts for a loaded model, as graft train applies it (graft.checks.prompts)."""
+    from graft.checks.prompts import context_length, fit_prompts
+
+    fit = fit_prompts(cfg, task, tokenizer, context_length(getattr(model, "config", None)))
+    if fit.problems:
+        raise ConfigError("\n".join(fit.problems))
 
 
 def eval_table(data: dict[str, Any]) -> Table:
@@ -364,8 +374,39 @@ def cmd_report(args, console: Console) -> int:
     run = Path(args.run)
     if not run.is_dir():
         raise ConfigError(f"{run} is not a directory; pass a run directory such as runs/<name>")
+    if not (run / "config.yaml").is_file():
+        raise ConfigError(
+            f"'{run}' is not a graft run directory (no config.yaml), so no report is written there; "
+            "pass runs/<name>"
+        )
     console.print(f"report: {write_report(run)}")
     return 0
+
+
+def count(minimum: int):
+    """argparse type: an integer of at least `minimum` (`--samples -3` is refused by the parser)."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"{value} is below {minimum}")
+        return value
+
+    return parse
+
+
+def non_negative(text: str) -> float:
+    """argparse type: a finite number >= 0 (temperatures)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not 0 <= value < float("inf"):
+        raise argparse.ArgumentTypeError(f"{value} must be a finite number >= 0")
+    return value
 
 
 def register(sub) -> None:
@@ -381,10 +422,12 @@ def register(sub) -> None:
     add_target_arguments(ev)
     ev.add_argument("--base", action="store_true", help="with --run: the model before the run's training")
     ev.add_argument("--split", choices=["eval", "train"], default="eval", help="task split (default: eval)")
-    ev.add_argument("--num", type=int, help="only the first N problems")
-    ev.add_argument("--samples", type=int, default=0, help="samples per problem for pass@k / maj@k")
-    ev.add_argument("--temperature", type=float, help="sampling temperature for --samples (default eval's)")
-    ev.add_argument("--max-new-tokens", type=int, help="completion length limit")
+    ev.add_argument("--num", type=count(1), help="only the first N problems")
+    ev.add_argument("--samples", type=count(0), default=0, help="samples per problem for pass@k / maj@k")
+    ev.add_argument(
+        "--temperature", type=non_negative, help="sampling temperature for --samples (default eval's)"
+    )
+    ev.add_argument("--max-new-tokens", type=count(1), help="completion length limit")
     ev.add_argument("--output", help="write the results as JSON to this file")
     ev.add_argument("--json", action="store_true", help="print JSON instead of a table")
     ev.set_defaults(func=cmd_eval, split_config=True)
@@ -400,11 +443,13 @@ def register(sub) -> None:
             p.add_argument("--prompt", action="append", help="a prompt (repeatable)")
             p.add_argument("--prompts", help="file: one prompt per line, or JSONL with a 'prompt' key")
         if name == "compare":
-            p.add_argument("--num", type=int, default=8, help="held-out problems when no prompts are given")
+            p.add_argument(
+                "--num", type=count(1), default=8, help="held-out problems when no prompts are given"
+            )
         if name == "generate":
             p.add_argument("--json", action="store_true", help="JSON lines {prompt, completion}")
-        p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
-        p.add_argument("--max-new-tokens", type=int, help="reply length limit (default: the run's)")
+        p.add_argument("--temperature", type=non_negative, default=0.0, help="0 = greedy (default)")
+        p.add_argument("--max-new-tokens", type=count(1), help="reply length limit (default: the run's)")
         p.add_argument("--seed", type=int, default=0, help="sampling seed")
         p.set_defaults(func=func, split_config=True)
 

@@ -7,11 +7,26 @@ whole tree and a recipe only has to name what it changes.
 from __future__ import annotations
 
 import difflib
+import math
+import re
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from graft.yaml_strict import yaml_load
+
+
+def flatten(tree: dict, prefix: str = "") -> dict:
+    """A nested config dict as dotted keys ({"grpo": {"beta": 0.1}} -> {"grpo.beta": 0.1})."""
+    flat = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            flat.update(flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
 
 
 class ConfigError(ValueError):
@@ -19,7 +34,8 @@ class ConfigError(ValueError):
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # allow_inf_nan=False: `nan` or `inf` in any float (a weight, a rate, a threshold) is refused by key
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 class ModelConfig(_Section):
@@ -88,6 +104,11 @@ class TaskConfig(_Section):
         "default",
         description="system message through the chat template: 'default' = the task's own, null = none",
     )
+    long_prompts: Literal["error", "truncate", "drop"] = Field(
+        "error",
+        description="prompts longer than the model's context minus generation.max_new_tokens: refuse the "
+        "run (naming them), keep their end (truncate, as TRL does), or drop them",
+    )
 
     @model_validator(mode="after")
     def _check_range(self) -> TaskConfig:
@@ -126,6 +147,8 @@ class RewardsConfig(_Section):
     def _check_weights(self) -> RewardsConfig:
         if self.functions is not None and not self.functions:
             raise ValueError("functions is empty; name at least one reward, e.g. [last_integer], or null")
+        if self.weights is not None and not all(math.isfinite(w) for w in self.weights):
+            raise ValueError(f"weights must be finite numbers, got {self.weights}")
         if (
             self.weights is not None
             and self.functions is not None
@@ -246,6 +269,18 @@ class TrainConfig(_Section):
     max_nonfinite_steps: int = Field(
         3, ge=1, description="stop after this many GRPO steps in a row whose updates were all non-finite"
     )
+    stop_timeout: float | None = Field(
+        300.0,
+        gt=0,
+        description="after Ctrl-C / SIGTERM, seconds the current step may still take before it is aborted "
+        "without a checkpoint (a second signal aborts at once; null = wait for the step)",
+    )
+
+    @model_validator(mode="after")
+    def _check_betas(self) -> TrainConfig:
+        if not all(0 <= b < 1 for b in self.adam_betas):
+            raise ValueError(f"adam_betas must both be in [0, 1), got {list(self.adam_betas)}")
+        return self
 
 
 class EvalConfig(_Section):
@@ -301,7 +336,10 @@ class CheckpointConfig(_Section):
 
 class LoggingConfig(_Section):
     output_dir: str = Field("runs", description="parent folder of run directories")
-    run_name: str | None = Field(None, description="run directory name (default: task name + timestamp)")
+    run_name: str | None = Field(
+        None,
+        description="run directory name, a plain name inside output_dir (default: task name + timestamp)",
+    )
     progress: Literal["auto", "bar", "lines"] = Field(
         "auto", description="live progress bar, or one plain line per step (auto: bar on a terminal)"
     )
@@ -315,6 +353,22 @@ class LoggingConfig(_Section):
     )
     mlflow_uri: str | None = Field(None, description="mlflow tracking URI (default: a file store in the run)")
     completions_every: int = Field(10, ge=0, description="print a table of a few completions every N steps")
+
+    @field_validator("run_name")
+    @classmethod
+    def _check_run_name(cls, name: str | None) -> str | None:
+        if name is not None and (
+            not name.strip() or name in (".", "..") or _PATH_CHARS.search(name) or name != name.strip()
+        ):
+            raise ValueError(
+                f"{name!r} must be a plain folder name (no '/', '\\', '..', control characters or "
+                "surrounding spaces): the run goes in logging.output_dir/<run_name>; to put it elsewhere "
+                "set logging.output_dir"
+            )
+        return name
+
+
+_PATH_CHARS = re.compile(r"[/\\\x00-\x1f]")
 
 
 class HealthConfig(_Section):
@@ -438,7 +492,7 @@ def parse_override(text: str) -> tuple[str, Any]:
     if not key:
         raise ConfigError(f"override '{text}' has no key before '='")
     try:  # YAML typing: 3 -> int, 0.04 -> float, true -> bool, [a, b] -> list, null -> None
-        value = yaml.safe_load(raw) if raw.strip() else ""
+        value = yaml_load(raw) if raw.strip() else ""
     except yaml.YAMLError:
         value = raw
     return key, value
@@ -472,19 +526,25 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
     data: dict[str, Any] = {}
     if path is not None:
         path = Path(path)
+        if path.is_dir():
+            raise ConfigError(
+                f"config file '{path}' is a folder, not a YAML file; pass a recipe such as configs/arithmetic.yaml"
+            )
         if not path.is_file():
             raise ConfigError(
                 f"config file '{path}' does not exist; pass a YAML file such as configs/arithmetic.yaml"
             )
-        try:
-            loaded = yaml.safe_load(path.read_text())
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"config file '{path}' is not valid YAML: {exc}") from exc
-        if loaded is not None and not isinstance(loaded, dict):
+        loaded = _read_yaml_file(path)
+        if loaded is None:
+            raise ConfigError(
+                f"config file '{path}' is empty (no keys); write the sections it changes (see "
+                "configs/arithmetic.yaml), or run without a recipe for the defaults"
+            )
+        if not isinstance(loaded, dict):
             raise ConfigError(
                 f"config file '{path}' must hold a mapping of sections, not {type(loaded).__name__}"
             )
-        data = loaded or {}
+        data = loaded
     for text in overrides:
         key, value = parse_override(text)
         _set_dotted(data, key, value)
@@ -501,6 +561,23 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
     raise ConfigError(
         f"{len(problems)} config problem(s){where}:\n" + "\n".join(f"  - {p}" for p in problems)
     )
+
+
+def _read_yaml_file(path: Path) -> Any:
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file '{path}': {exc.strerror}") from exc
+    except UnicodeDecodeError as exc:
+        line = path.read_bytes()[: exc.start].count(b"\n") + 1
+        raise ConfigError(
+            f"config file '{path}' is not UTF-8 text (byte {exc.object[exc.start]:#04x} on line {line}); "
+            "save it as UTF-8"
+        ) from exc
+    try:
+        return yaml_load(text, str(path))
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config file '{path}' is not valid YAML: {exc}") from exc
 
 
 def describe(model: type[BaseModel] = Config, prefix: str = "") -> list[tuple[str, str, str]]:

@@ -9,11 +9,12 @@ from pathlib import Path
 
 import torch
 
+from graft.checks.files import folder_problem
 from graft.config import Config, ConfigError, load_config
 from graft.evaluation import decode_completions, encode_messages
-from graft.models import load_model, merged_adapter, stop_token_ids
+from graft.models import ModelError, load_model, merged_adapter, stop_token_ids
 from graft.rollout.sampler import sample
-from graft.training.checkpoint import latest_checkpoint
+from graft.training.checkpoint import latest_checkpoint, list_checkpoints
 
 
 @dataclass
@@ -62,6 +63,12 @@ def resolve_target(
 def load_target(target: Target, with_weights: bool = True):
     """(model, tokenizer) in eval mode. A LoRA run gives a PeftModel, so `model.disable_adapter()` is the
     model before this run (what compare shows as the base)."""
+    if target.weights is not None and with_weights and (damaged := folder_problem(target.weights)):
+        folder = target.weights.parent  # the run (for final/) or its checkpoints/ (for a checkpoint)
+        folder = folder / "checkpoints" if (folder / "checkpoints").is_dir() else folder
+        good = [p.name for p in list_checkpoints(folder) if p != target.weights and folder_problem(p) is None]
+        other = f"; use one of its checkpoints instead: --checkpoint {good[-1]}" if good else ""
+        raise ModelError(f"{target.weights}: {damaged}, so these weights cannot be loaded{other}")
     model, tokenizer = load_model(target.cfg.model)
     if target.weights is None or not with_weights:
         return model, tokenizer

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib.metadata
+import json
 import os
 import re
 import shutil
@@ -14,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from graft.checks.files import folder_problem
 from graft.config import LoraConfig, ModelConfig
 
 
@@ -112,6 +114,14 @@ def model_location_problem(name: str) -> str | None:
             return f"model folder '{name}' does not exist; check model.name"
         if not (path / "config.json").is_file():
             return f"'{name}' has no config.json; point it at a saved transformers model folder"
+        try:
+            json.loads((path / "config.json").read_text(encoding="utf-8"))
+        except (OSError, ValueError) as exc:
+            return (
+                f"model folder '{name}': config.json is not readable JSON ({exc}); copy or download it again"
+            )
+        if damaged := folder_problem(path):
+            return f"model folder '{name}': {damaged}; copy or download it again"
         return None
     if not _HUB_ID.match(name):
         return f"'{name}' is neither a folder, a hub id (org/name) nor builtin:..."
@@ -149,7 +159,10 @@ def resolve_device(name: str) -> torch.device:
         if _mps_available():
             return torch.device("mps")
         return torch.device("cpu")
-    device = torch.device(name)
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError) as exc:
+        raise ModelError(f"'{name}' is not a device; use auto, cpu, cuda, cuda:N or mps") from exc
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ModelError(f"model.device={name} but torch sees no CUDA device; use model.device=cpu or auto")
     if device.type == "mps" and not _mps_available():
@@ -206,6 +219,8 @@ def load_model(cfg: ModelConfig, device: torch.device | None = None):
             "hub id, or model.name=builtin:smollm2-135m-instruct"
         )
         raise ModelError(f"cannot load model '{cfg.name}': {hint}\n  cause: {exc}") from exc
+    except Exception as exc:  # damaged files past the checks (safetensors' SafetensorError, a bad config)
+        raise ModelError(f"cannot load model '{cfg.name}': {_last_line(exc)}; check its files") from exc
     if cfg.adapter:
         model = fold_adapter(model, cfg.adapter)
     model.to(device)
@@ -223,6 +238,8 @@ def adapter_location_problem(path: str) -> str | None:
     if not (folder / "adapter_config.json").is_file():
         hint = " it holds a full model: use model.name" if (folder / "config.json").is_file() else ""
         return f"'{path}' has no adapter_config.json, so it is not a LoRA adapter folder;{hint}"
+    if damaged := folder_problem(folder):
+        return f"adapter folder '{path}': {damaged}; save or copy it again (or use a checkpoint of its run)"
     return None
 
 
@@ -250,7 +267,15 @@ def add_lora(model, cfg: LoraConfig, seed: int):
         target_modules=cfg.target_modules,
         task_type="CAUSAL_LM",
     )
-    return get_peft_model(model, peft_cfg)
+    try:
+        return get_peft_model(model, peft_cfg)
+    except ValueError as exc:  # PEFT: a target module the model does not have, or cannot wrap
+        raise ModelError(f"lora.target_modules={cfg.target_modules}: {_last_line(exc)}") from exc
+
+
+def _last_line(exc: Exception) -> str:
+    lines = [line for line in str(exc).strip().splitlines() if line.strip()]
+    return f"{type(exc).__name__}: {lines[-1] if lines else ''}"[:400]
 
 
 def stop_token_ids(model, tokenizer) -> list[int]:

@@ -22,6 +22,8 @@ from rich.progress import (
 )
 from rich.table import Table
 
+from graft.config import flatten
+
 
 def _jsonable(value: Any) -> Any:
     if hasattr(value, "item"):  # 0-d tensors and numpy scalars
@@ -122,7 +124,7 @@ class MlflowSink(Sink):
         mlflow.set_tracking_uri(uri or (run_dir / "mlruns").absolute().as_uri())
         mlflow.set_experiment(project)
         mlflow.start_run(run_name=run_dir.name)
-        mlflow.log_params({k: str(v)[:500] for k, v in _flatten(config).items()})
+        mlflow.log_params({k: str(v)[:500] for k, v in flatten(config).items()})
 
     def log(self, step: int, metrics: dict[str, float]) -> None:
         self.mlflow.log_metrics(metrics, step=step)
@@ -133,16 +135,6 @@ class MlflowSink(Sink):
 
 # which package each tracker needs, for a clear error before the run starts
 TRACKER_PACKAGES = {"tensorboard": "tensorboard", "wandb": "wandb", "trackio": "trackio", "mlflow": "mlflow"}
-
-
-def _flatten(tree: dict, prefix: str = "") -> dict:
-    flat = {}
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            flat.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat
 
 
 def make_sink(name: str, run_dir: Path, cfg) -> Sink:
@@ -235,6 +227,8 @@ def summary_line(metrics: dict[str, Any]) -> str:
     for key, label in _SHOWN:
         if metrics.get(key) is not None:
             value = _jsonable(metrics[key])
+            if value == "nan":  # every value excluded (rewards that failed or gave None): no mean to show
+                value = "n/a"
             parts.append(f"{label} {value:.3g}" if isinstance(value, float) else f"{label} {value}")
     return "  ".join(parts)
 

@@ -10,7 +10,7 @@ import importlib.util
 import shutil
 import tempfile
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -40,8 +40,12 @@ class MemoryEstimate:
         return f"~{self.total / GiB:.1f} GiB on {self.device} ({rows} GiB); {free}"
 
 
+LORA_WRAPPABLE = ("Linear", "Embedding", "Conv1d", "Conv2d", "Conv3d", "Conv1D")
+
+
 def _model_shape(path: str, cfg: Config):
-    """(transformers config, parameter count, {linear layer name: (in, out)}) without allocating weights."""
+    """(transformers config, parameter count, {linear layer name: (in, out)}, {name: class} of the modules
+    LoRA can wrap) without allocating weights."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     config = AutoConfig.from_pretrained(path, trust_remote_code=cfg.model.trust_remote_code)
@@ -54,7 +58,8 @@ def _model_shape(path: str, cfg: Config):
         if isinstance(m, torch.nn.Linear) and m is not head
     }
     n_params = sum(p.numel() for p in model.parameters())
-    return config, n_params, linears
+    wrappable = {n: type(m).__name__ for n, m in model.named_modules() if type(m).__name__ in LORA_WRAPPABLE}
+    return config, n_params, linears, wrappable
 
 
 def available_memory(device: torch.device) -> int | None:
@@ -69,9 +74,16 @@ def available_memory(device: torch.device) -> int | None:
 
 
 def estimate_memory(
-    cfg: Config, config, n_params: int, linears: dict, device: torch.device, paths: FastPaths
+    cfg: Config,
+    config,
+    n_params: int,
+    linears: dict,
+    device: torch.device,
+    paths: FastPaths,
+    prompt_tokens: int | None = None,
 ) -> MemoryEstimate:
-    """`paths`: the run's plan (graft.cpu.plan) for this model config: which copies and recordings exist."""
+    """`paths`: the run's plan (graft.cpu.plan) for this model config: which copies and recordings exist.
+    `prompt_tokens`: the longest prompt, chat template included (graft.checks.prompts); unknown: 256."""
     from graft.models import resolve_dtype
 
     dtype_bytes = torch.finfo(resolve_dtype(cfg.model.dtype, device)).bits // 8
@@ -82,7 +94,7 @@ def estimate_memory(
     kv_dim = (getattr(config, "num_key_value_heads", None) or heads) * head_dim
     ffn = getattr(config, "intermediate_size", 4 * hidden)
     vocab = config.vocab_size
-    prompt = 256  # generous for chat-templated task prompts
+    prompt = prompt_tokens or 256  # a batch is padded to its longest prompt: count the longest there is
     tokens = prompt + cfg.generation.max_new_tokens
     batch = cfg.train.prompts_per_step * cfg.grpo.num_generations
     micro = min(cfg.train.micro_batch_size, batch)
@@ -165,6 +177,8 @@ class Checked:
     task: Task | None
     rewards: dict[str, Callable]  # spec -> function, for the specs that loaded
     paths: FastPaths | None = None  # the fast paths this machine takes (None: no device)
+    notes: list[str] = field(default_factory=list)  # what the run should say (prompts cut or dropped)
+    resume_changes: list[str] = field(default_factory=list)  # settings a resume changes ("key: old -> new")
 
 
 def check_run(cfg: Config, estimate: bool = True) -> tuple[list[str], MemoryEstimate | None]:
@@ -174,6 +188,7 @@ def check_run(cfg: Config, estimate: bool = True) -> tuple[list[str], MemoryEsti
 
 
 def _check(cfg: Config, estimate: bool = True) -> Checked:
+    from graft.checks.calls import gate_problem, reward_signature_problem
     from graft.models import (
         ModelError,
         adapter_location_problem,
@@ -181,22 +196,31 @@ def _check(cfg: Config, estimate: bool = True) -> Checked:
         resolve_device,
         resolve_model_path,
     )
-    from graft.rewards.runtime import load_reward
+    from graft.rewards.runtime import load_reward, reward_name
     from graft.tasks import build_task
     from graft.training.run import RunDir, RunDirError
 
     problems: list[str] = []
+    notes: list[str] = []
     task, rewards = None, {}
     try:
         task = build_task(cfg.task)
     except ConfigError as exc:
         problems.append(str(exc))
     specs = cfg.rewards.functions or (list(task.default_rewards) if task else [])
+    columns = ["answer", *task.train[0].columns, "completion_ids", "max_completion_length"] if task else []
     for spec in specs:
         try:
             rewards[spec] = load_reward(spec)
         except ConfigError as exc:
             problems.append(str(exc))
+            continue
+        if task is not None and (problem := reward_signature_problem(spec, rewards[spec], columns)):
+            problems.append(problem)
+    if task is not None and (
+        problem := gate_problem(cfg, [reward_name(s) for s in specs], task.default_rewards[0])
+    ):
+        problems.append(problem)
     from graft.tracking import TRACKER_PACKAGES
 
     for name in cfg.logging.report_to:
@@ -223,8 +247,16 @@ def _check(cfg: Config, estimate: bool = True) -> Checked:
             sft_examples(cfg, task)
         except ConfigError as exc:
             problems.append(str(exc))
+    resume_changes: list[str] = []
     try:
-        RunDir.for_config(cfg)
+        run, resume_from = RunDir.for_config(cfg)
+        notes.extend(run.notes)
+        if resume_from is not None:  # before anything is written: may this config continue that run?
+            from graft.checks.resume import resume_problems
+            from graft.training.run import step_of
+
+            refused, resume_changes = resume_problems(cfg, run.path, step_of(resume_from))
+            problems.extend(refused)
     except RunDirError as exc:
         problems.append(str(exc))
     out = _writable_parent(Path(cfg.logging.output_dir))
@@ -241,17 +273,28 @@ def _check(cfg: Config, estimate: bool = True) -> Checked:
     except ModelError as exc:
         problems.append(f"'model.device': {exc}")
 
-    est, config, paths = None, None, None
+    est, config, paths, prompt_tokens = None, None, None, None
     if estimate and model_problem is None and device is not None:
         try:
-            config, n_params, linears = _model_shape(resolve_model_path(cfg.model), cfg)
+            model_path = resolve_model_path(cfg.model)
+            config, n_params, linears, wrappable = _model_shape(model_path, cfg)
         except (OSError, ValueError, ModelError):
             config = None  # a hub id with no network: the size is unknown until it downloads
+    if config is not None:
+        from graft.checks.calls import lora_target_problem
+
+        if cfg.lora.enabled and (problem := lora_target_problem(cfg.lora.target_modules, wrappable)):
+            problems.append(problem)
+        if task is not None:
+            fit = _fit_prompts(cfg, task, model_path, config)
+            problems.extend(fit.problems)
+            notes.extend(fit.notes)
+            prompt_tokens = fit.longest
     if device is not None:  # what this machine can run, before anything heavy starts
         paths = plan_fast_paths(cfg, device, config)
         problems.extend(paths.problems)
     if config is not None:
-        est = estimate_memory(cfg, config, n_params, linears, device, paths)
+        est = estimate_memory(cfg, config, n_params, linears, device, paths, prompt_tokens)
         if est.available and est.total > 0.95 * est.available:
             problems.append(f"not enough memory: a step needs {est.describe()}; {_memory_advice(est, cfg)}")
         free = shutil.disk_usage(out).free
@@ -263,7 +306,25 @@ def _check(cfg: Config, estimate: bool = True) -> Checked:
                 f"not enough disk: checkpoints need ~{needed / GiB:.1f} GiB in {out}, {free / GiB:.1f} GiB "
                 "free; free space, move logging.output_dir, or lower checkpoint.keep_last_n"
             )
-    return Checked(problems, est, task, rewards, paths)
+    return Checked(problems, est, task, rewards, paths, notes, resume_changes)
+
+
+def _fit_prompts(cfg: Config, task: Task, model_path: str, config):
+    """graft.checks.prompts on the tokenizer alone (no weights); a tokenizer that does not load is a problem."""
+    from graft.checks.prompts import PromptFit, context_length, fit_prompts
+    from graft.models import load_tokenizer
+
+    try:
+        tokenizer = load_tokenizer(model_path, cfg.model)
+        return fit_prompts(cfg, task, tokenizer, context_length(config), f"model {cfg.model.name}")
+    except ConfigError as exc:
+        return PromptFit(0, None, [str(exc)])
+    except Exception as exc:  # a damaged tokenizer file, a template that fails on these messages
+        reason = str(exc).strip().splitlines()[-1][:200] if str(exc).strip() else ""
+        return PromptFit(
+            0, None, [f"'model.name': cannot measure the prompts with the tokenizer of {cfg.model.name} "
+                      f"({type(exc).__name__}: {reason}); check its tokenizer files and chat template"]
+        )  # fmt: skip
 
 
 def validate_or_raise(cfg: Config) -> Checked:

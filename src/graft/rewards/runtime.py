@@ -43,6 +43,8 @@ def load_reward(spec: str):
             "form path/to/file.py:function or package.module:function"
         )
     target, _, name = spec.rpartition(":")
+    if ("/" in target or "\\" in target) and not target.endswith(".py"):
+        raise ConfigError(f"reward '{spec}': a reward file must be a .py file (path/to/file.py:function)")
     try:
         if target.endswith(".py"):
             path = Path(target).expanduser()
@@ -55,7 +57,7 @@ def load_reward(spec: str):
             module = importlib.import_module(target)
     except ConfigError:
         raise
-    except Exception as exc:  # the user's module failed to import: say which and why
+    except (Exception, SystemExit) as exc:  # the user's module failed to import: say which and why
         raise ConfigError(f"reward '{spec}': importing {target} failed: {type(exc).__name__}: {exc}") from exc
     fn = getattr(module, name, None)
     if not callable(fn):
@@ -141,7 +143,10 @@ class RewardStats:
     errors: int = 0
     timeouts: int = 0
     nan: int = 0
+    values: int = 0  # completions scored
+    failed_values: int = 0  # of those: in a call that raised or timed out, or NaN/inf
     first_failure: str | None = None
+    reported: bool = False  # first_failure handed to the console (new_failures)
 
 
 @dataclass
@@ -226,29 +231,69 @@ class RewardRuntime:
     def _finish(self, spec: str, status: str, payload, completions: list) -> list[float]:
         stats = self.stats[spec]
         stats.calls += 1
+        stats.values += len(completions)
         fallback = 0.0 if self.on_error == "zero" else math.nan
         if status == "ok":
             values = [math.nan if v is None else v for v in payload]
-            stats.nan += sum(
-                1 for v, raw in zip(values, payload, strict=True) if raw is not None and math.isnan(v)
-            )
+            bad = [
+                i
+                for i, (v, raw) in enumerate(zip(values, payload, strict=True))
+                if raw is not None and math.isnan(v)
+            ]
+            stats.nan += len(bad)
+            stats.failed_values += len(bad)
+            if bad and stats.first_failure is None:
+                stats.first_failure = (
+                    f"returned NaN or inf for {len(bad)} of {len(values)} completions (NaN is not 'no score': "
+                    f"return None for that); first such completion: {completions[bad[0]]!r}"
+                )[:4000]
+            self._check_rate(spec)
             return values
+        stats.failed_values += len(completions)
         if status == "timeout":
             stats.timeouts += 1
             detail = f"timed out after {self.timeout:g} s (reward timeout: rewards.timeout)"
         else:
             stats.errors += 1
-            detail = payload
+            detail = short_traceback(payload)
         if stats.first_failure is None:
             sample = completions[0] if completions else ""
             stats.first_failure = f"{detail}\nfirst completion of that batch: {sample!r}"[:4000]
-        failures = stats.errors + stats.timeouts
-        if stats.calls >= self.min_calls and failures / stats.calls > self.max_failure_rate:
+        self._check_rate(spec)
+        return [fallback] * len(completions)
+
+    def _check_rate(self, spec: str, final: bool = False) -> None:
+        """The max_failure_rate rule: calls that raised or timed out and NaN/inf values alike, as a share
+        of the completions scored; judged after min_calls calls, or on whatever there is when `final`."""
+        stats = self.stats[spec]
+        if not stats.values or (stats.calls < self.min_calls and not final):
+            return
+        if stats.failed_values / stats.values > self.max_failure_rate:
+            failures = stats.errors + stats.timeouts
+            parts = [f"failed in {failures} of {stats.calls} calls"] if failures else []
+            if stats.nan:
+                parts.append(f"returned NaN/inf for {stats.nan} of {stats.values} completions")
+            share = stats.failed_values / stats.values
             raise RewardError(
-                f"reward '{spec}' failed in {failures} of {stats.calls} calls (limit "
+                f"reward '{spec}' {' and '.join(parts)}: {share:.0%} of its scores are missing (limit "
                 f"rewards.max_failure_rate={self.max_failure_rate}); first failure:\n{stats.first_failure}"
             )
-        return [fallback] * len(completions)
+
+    def final_check(self) -> None:
+        """The failure rule once more at the end of a run, however few calls there were: a 2-step run whose
+        reward failed every time must not end as a success."""
+        for spec in self.specs:
+            self._check_rate(spec, final=True)
+
+    def new_failures(self) -> list[tuple[str, str]]:
+        """(spec, its first failure) for each function that failed since the last call: what the console
+        shows once per function, so a broken reward is seen at once, not only in metrics.jsonl."""
+        out = []
+        for spec, stats in self.stats.items():
+            if stats.first_failure is not None and not stats.reported:
+                stats.reported = True
+                out.append((spec, stats.first_failure))
+        return out
 
     def metrics(self) -> dict[str, float]:
         out = {}
@@ -262,6 +307,16 @@ class RewardRuntime:
     def close(self) -> None:
         for worker in self.workers:
             worker.close()
+
+
+def short_traceback(text: str) -> str:
+    """A reward's traceback as one line: the exception and where the reward's own code raised it."""
+    lines = [line for line in str(text).splitlines() if line.strip()]
+    if not lines or not lines[0].startswith("Traceback"):
+        return str(text)
+    frames = [line.strip() for line in lines if line.strip().startswith('File "')]
+    where = f" ({frames[-1].replace('File ', '', 1)})" if frames else ""
+    return f"{lines[-1].strip()}{where}"
 
 
 def reward_name(spec: str) -> str:

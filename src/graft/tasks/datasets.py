@@ -7,6 +7,7 @@ loaders are tested offline on fixtures in the hub datasets' schema.
 from __future__ import annotations
 
 import json
+import math
 import re
 from pathlib import Path
 
@@ -34,6 +35,31 @@ DEFAULTS = {  # dataset id, config, prompt column, answer column, correctness re
     "hub": (None, None, "prompt", "answer", "gsm8k_flexible", None),
     "jsonl": (None, None, "prompt", "answer", "gsm8k_flexible", None),
 }
+
+
+def row_problem(prompt, answer, prompt_column: str, answer_column: str) -> str | None:
+    """Why a row's prompt or gold answer cannot be trained on (None: both usable). A prompt is non-empty
+    text; an answer is non-empty text or a number (a reward compares against it, so null or "" would
+    score every completion 0 without a word)."""
+    if not isinstance(prompt, str):
+        kind = "null" if prompt is None else f"{type(prompt).__name__} ({str(prompt)[:40]})"
+        return f"'{prompt_column}' is {kind}, not text; give the prompt as a string"
+    if not prompt.strip():
+        return f"'{prompt_column}' is empty; give the question to ask"
+    if not isinstance(answer, str | int | float):  # bool is an int: true/false answers are fine
+        kind = "null" if answer is None else type(answer).__name__
+        return f"'{answer_column}' is {kind}, not text or a number; give the gold answer the rewards check"
+    if isinstance(answer, float) and not math.isfinite(answer):
+        return f"'{answer_column}' is {answer}, not a number a reward can check against"
+    if isinstance(answer, str) and not answer.strip():
+        return f"'{answer_column}' is empty; give the gold answer the rewards check (or drop the line)"
+    return None
+
+
+def _bad_rows(problems_found: list[str], where: str) -> ConfigError:
+    shown = "\n".join(f"    {p}" for p in problems_found[:10])
+    more = f"\n    ... and {len(problems_found) - 10} more" if len(problems_found) > 10 else ""
+    return ConfigError(f"{len(problems_found)} bad line(s) in {where}:\n{shown}{more}")
 
 
 def read_jsonl(path: Path, prompt_column: str, answer_column: str) -> list[Problem]:
@@ -65,12 +91,14 @@ def read_jsonl(path: Path, prompt_column: str, answer_column: str) -> list[Probl
                 f"'{prompt_column}' and '{answer_column}' (set task.prompt_column / task.answer_column)"
             )
             continue
+        bad = row_problem(row[prompt_column], row[answer_column], prompt_column, answer_column)
+        if bad:
+            problems_found.append(f"{path}:{number}: {bad}")
+            continue
         extra = {k: v for k, v in row.items() if k not in (prompt_column, answer_column)}
         problems.append(Problem(str(row[prompt_column]), str(row[answer_column]), extra))
     if problems_found:
-        shown = "\n".join(f"    {p}" for p in problems_found[:10])
-        more = f"\n    ... and {len(problems_found) - 10} more" if len(problems_found) > 10 else ""
-        raise ConfigError(f"{len(problems_found)} bad line(s) in {path}:\n{shown}{more}")
+        raise _bad_rows(problems_found, str(path))
     if not problems:
         raise ConfigError(f"task.path: '{path}' has no examples")
     return problems
@@ -148,8 +176,11 @@ def dataset_task(cfg: TaskConfig) -> Task:
                 f"task '{cfg.name}': split '{split}' has no column(s) {missing}; it has {sorted(rows[0])}. "
                 "Set task.prompt_column / task.answer_column"
             )
-        out = []
-        for row in rows:
+        out, bad = [], []
+        for number, row in enumerate(rows):
+            if not isinstance(row[prompt_col], str) or not row[prompt_col].strip():
+                bad.append(f"row {number}: {row_problem(row[prompt_col], '-', prompt_col, answer_col)}")
+                continue
             gold = gold_answer(cfg.name, row[answer_col])
             if gold and cfg.name == "gsm8k" and "####" in str(row[answer_col]):
                 # the rationale before '####', without the <<48/2=24>> calculator notes: SFT demonstrations
@@ -158,6 +189,8 @@ def dataset_task(cfg: TaskConfig) -> Task:
             if gold:
                 extra = {k: v for k, v in row.items() if k not in (prompt_col, answer_col)}
                 out.append(Problem(str(row[prompt_col]), gold, extra))
+        if bad:
+            raise _bad_rows(bad, f"task '{cfg.name}' split '{split}'")
         return out
 
     rationales: dict[str, str] = {}

@@ -3,6 +3,7 @@ so an interrupted save never looks like a good checkpoint."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import shutil
@@ -12,6 +13,8 @@ from typing import Any
 
 import numpy as np
 import torch
+
+from graft.checks.files import folder_problem
 
 CHECKPOINT_PREFIX = "step-"
 
@@ -118,15 +121,37 @@ def list_checkpoints(checkpoints_dir: Path) -> list[Path]:
     )
 
 
-def latest_checkpoint(checkpoints_dir: Path) -> Path | None:
-    """The checkpoint `latest` names, or the newest complete one if the pointer is missing or stale."""
+def checkpoint_problem(path: Path) -> str | None:
+    """Why a checkpoint folder cannot be resumed from (None: complete, its files whole)."""
+    if not is_complete(path):
+        return f"{path.name} is not a complete checkpoint (no trainer_state.pt)"
+    problem = folder_problem(path)
+    return f"{path.name}/{problem}" if problem else None
+
+
+def find_resumable(checkpoints_dir: Path) -> tuple[Path | None, list[str]]:
+    """(the newest checkpoint whose files are whole, or None; why each newer one was passed over). The one
+    `latest` names comes first; a damaged one (a truncated copy, a full disk) falls back to the one before."""
+    found = list_checkpoints(checkpoints_dir)
     pointer = checkpoints_dir / "latest"
     if pointer.is_file():
-        named = checkpoints_dir / pointer.read_text().strip()
-        if is_complete(named):
-            return named
-    found = list_checkpoints(checkpoints_dir)
-    return found[-1] if found else None
+        with contextlib.suppress(OSError, UnicodeDecodeError):
+            named = checkpoints_dir / pointer.read_text().strip()
+            if named in found:  # newer ones than the pointer are unfinished business of a killed save
+                found = found[: found.index(named) + 1]
+    damaged = []
+    for path in reversed(found):
+        problem = checkpoint_problem(path)
+        if problem is None:
+            return path, damaged
+        damaged.append(problem)
+    return None, damaged
+
+
+def latest_checkpoint(checkpoints_dir: Path) -> Path | None:
+    """The checkpoint `latest` names, or the newest complete one if the pointer is missing or stale; a
+    damaged one is passed over for the one before it (find_resumable says why)."""
+    return find_resumable(checkpoints_dir)[0]
 
 
 def remove_torn_saves(checkpoints_dir: Path) -> None:
@@ -139,7 +164,18 @@ def remove_torn_saves(checkpoints_dir: Path) -> None:
 
 def load_trainer_state(checkpoint: Path) -> dict[str, Any]:
     # our own file, written by save_checkpoint: it holds numpy RNG state, which needs weights_only=False
-    return torch.load(checkpoint / "trainer_state.pt", weights_only=False)
+    try:
+        return torch.load(checkpoint / "trainer_state.pt", weights_only=False)
+    except Exception as exc:  # a damaged file: torch raises RuntimeError, pickle errors, EOFError, ...
+        raise CheckpointError(
+            f"cannot read {checkpoint / 'trainer_state.pt'} ({_reason(exc)}); resume from an earlier "
+            f"checkpoint with resume=<run>/checkpoints/step-NNNNNN, or remove {checkpoint.name}"
+        ) from exc
+
+
+def _reason(exc: Exception) -> str:
+    lines = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {lines[-1] if lines else ''}"[:300]
 
 
 def restore_rng(state: dict[str, Any], generator: torch.Generator | None) -> None:
@@ -161,16 +197,26 @@ def restore_checkpoint(checkpoint: Path, state: dict, policy, optimizer, schedul
     """Put the policy weights, optimizer, schedule, data position and every RNG back as they were saved."""
     from safetensors.torch import load_file
 
-    if hasattr(policy, "peft_config"):
-        from peft import set_peft_model_state_dict
+    try:
+        if hasattr(policy, "peft_config"):
+            from peft import set_peft_model_state_dict
 
-        set_peft_model_state_dict(policy, load_file(checkpoint / "adapter_model.safetensors"))
-    else:
-        missing, unexpected = policy.load_state_dict(
-            load_file(checkpoint / "model.safetensors"), strict=False
-        )
-        if unexpected or [k for k in missing if "lm_head" not in k]:  # a tied head is saved once
-            raise CheckpointError(f"checkpoint {checkpoint} does not match the model: missing {missing[:3]}")
+            set_peft_model_state_dict(policy, load_file(checkpoint / "adapter_model.safetensors"))
+        else:
+            missing, unexpected = policy.load_state_dict(
+                load_file(checkpoint / "model.safetensors"), strict=False
+            )
+            if unexpected or [k for k in missing if "lm_head" not in k]:  # a tied head is saved once
+                raise CheckpointError(
+                    f"checkpoint {checkpoint} does not match the model: missing {missing[:3]}"
+                )
+    except CheckpointError:
+        raise
+    except Exception as exc:  # a damaged file, or weights of another shape (a changed lora.r)
+        raise CheckpointError(
+            f"cannot restore the weights of {checkpoint} ({_reason(exc)}); resume with the run's own "
+            "config (see its config.yaml) or from an earlier checkpoint (resume=<path>)"
+        ) from exc
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     order.restore(state["trainer_state"]["order"])

@@ -19,7 +19,7 @@ from graft.evaluation import evaluate
 from graft.health import HealthMonitor
 from graft.models import add_lora, load_model, merged_adapter, stop_token_ids
 from graft.report import write_report
-from graft.rewards.runtime import RewardRuntime
+from graft.rewards.runtime import RewardError, RewardRuntime
 from graft.tracking import ProgressDisplay, Tracker
 from graft.training.checkpoint import (
     load_trainer_state,
@@ -176,6 +176,13 @@ class Bookkeeping:
         """Health alarms, completions log, the non-finite rule, periodic evaluation and checkpoint, the
         metrics row and the progress display, in that order."""
         cfg, display = self.cfg, self.display
+        report_reward_failures(self.setup.rewards, display)
+        if step == cfg.train.max_steps:  # the failure rule on the whole run, however short, before its end
+            try:
+                self.setup.rewards.final_check()
+            except RewardError:
+                self.tracker.write(metrics)
+                raise
         for alarm in self.health.check(metrics):
             display.print(f"[bold yellow]health:[/bold yellow] {escape(alarm.message())}")
         rows = completion_rows(step, batch)
@@ -202,6 +209,17 @@ class Bookkeeping:
         display.update(step, metrics)
 
 
+def report_reward_failures(rewards: RewardRuntime, display: ProgressDisplay) -> None:
+    """The first failure of each reward, on the console as it happens (metrics.jsonl has the counts)."""
+    for spec, failure in rewards.new_failures():
+        lines = [line for line in failure.splitlines() if line.strip()]
+        shown = "\n  ".join(lines[-3:])  # the exception line and the completion, not the whole traceback
+        display.print(
+            f"[bold yellow]reward '{escape(spec)}' failed[/bold yellow] (first time; such scores are left out "
+            f"of the mean, see rewards.on_error):\n  {escape(shown)}"
+        )
+
+
 def train(cfg: Config, console=None, stop_after: int | None = None) -> Path:
     """Run GRPO as configured; returns the run directory. stop_after=k stops after step k exactly as a
     Ctrl-C would (checkpoint, then TrainingInterrupted), for notebooks and tests."""
@@ -212,7 +230,15 @@ def train(cfg: Config, console=None, stop_after: int | None = None) -> Path:
         display.print(f"memory estimate: {checks.memory.describe()}")
     for line in checks.paths.report_lines() if checks.paths else []:
         display.print(escape(line))
+    for note in checks.notes:
+        display.print(f"[yellow]{escape(note)}[/yellow]")
     state = load_trainer_state(resume_from) if resume_from else None
+    if state is not None and checks.resume_changes:
+        display.print(
+            f"[yellow]resuming with changed settings[/yellow] (recorded in config.from-step-"
+            f"{state['step'] + 1:06d}.yaml; config.yaml keeps what the earlier steps used):\n  "
+            + "\n  ".join(escape(c) for c in checks.resume_changes)
+        )
     if state is not None:
         saved_seed = state["trainer_state"]["config"]["train"]["seed"]
         if saved_seed != cfg.train.seed:
@@ -230,7 +256,7 @@ def train(cfg: Config, console=None, stop_after: int | None = None) -> Path:
     setup_process(cfg.train)
 
     setup, correctness_runtime = setup_training(cfg, checks, display)
-    run.create(cfg)
+    run.create(cfg, state["step"] if state else None, checks.resume_changes)
     books = Bookkeeping(cfg, setup, run, display, state)
     if state is not None:
         restore_checkpoint(
@@ -240,16 +266,20 @@ def train(cfg: Config, console=None, stop_after: int | None = None) -> Path:
     remove_torn_saves(run.path / "checkpoints")
     try:
         if cfg.gate.enabled and state is None:
-            run_gate(setup, correctness_runtime, run, display)
+            try:
+                run_gate(setup, correctness_runtime, run, display)
+            finally:
+                report_reward_failures(setup.rewards, display)
         if cfg.eval.at_start and state is None:
             display.print("evaluating the starting model on the held-out split ...")
             accuracy = books.evaluate("before", 0)
             display.print(f"held-out accuracy before training: {accuracy:.3f}")
             books.tracker.write({"step": 0, "eval/accuracy": accuracy})
         display.start(books.first_step - 1)
-        with StopRequest() as stop:
+        with StopRequest(cfg.train.stop_timeout) as stop:
             for step in range(books.first_step, cfg.train.max_steps + 1):
                 batch, metrics = grpo_step(setup, books.order.next_problems)
+                stop.step_done()
                 stopping = stop.requested or step == stop_after
                 books.after_step(step, batch, {"step": step, **metrics}, stopping)
                 if stopping and step < cfg.train.max_steps:

@@ -10,7 +10,7 @@ import signal
 import sys
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -20,16 +20,25 @@ from rich.table import Table
 
 from graft.config import Config, TrainConfig
 from graft.tasks import Problem, Task
-from graft.training.checkpoint import is_complete, latest_checkpoint
+from graft.training.checkpoint import checkpoint_problem, find_resumable, is_complete, list_checkpoints
 
 
 class RunDirError(RuntimeError):
     pass
 
 
+def step_of(checkpoint: Path) -> int:
+    """The step a checkpoint folder (step-000010) was saved at (0 for a folder renamed otherwise)."""
+    try:
+        return int(checkpoint.name.rpartition("-")[2])
+    except ValueError:
+        return 0
+
+
 @dataclass
 class RunDir:
     path: Path
+    notes: list[str] = field(default_factory=list)  # what the run should say when it starts
 
     @classmethod
     def for_config(cls, cfg: Config) -> tuple[RunDir, Path | None]:
@@ -41,24 +50,62 @@ class RunDir:
                     f"resume={cfg.resume} is not a complete checkpoint folder (it needs trainer_state.pt); "
                     "point it at runs/<name>/checkpoints/step-NNNNNN, or use resume=auto"
                 )
+            if problem := checkpoint_problem(checkpoint):
+                good, _ = find_resumable(checkpoint.parent)
+                other = f"; the newest whole one is resume={good}" if good and good != checkpoint else ""
+                raise RunDirError(f"resume={cfg.resume}: {problem}, so it cannot be resumed from{other}")
             return cls(checkpoint.parent.parent), checkpoint
         if cfg.resume == "auto" and not cfg.logging.run_name:
             raise RunDirError("resume=auto needs logging.run_name=<the run to continue>")
         name = cfg.logging.run_name or f"{cfg.task.name}-{time.strftime('%Y%m%d-%H%M%S')}"
         path = Path(cfg.logging.output_dir) / name
-        if cfg.resume == "auto":
-            return cls(path), latest_checkpoint(path / "checkpoints")
-        if path.exists() and any(path.iterdir()):
+        if path.exists() and not path.is_dir():
             raise RunDirError(
-                f"run directory {path} already exists and is not empty; continue it with resume=auto, "
-                "pick another logging.run_name, or remove the folder"
+                f"logging.run_name={name}: {path} is a file, not a run directory; pick another "
+                "logging.run_name (or logging.output_dir)"
             )
+        if cfg.resume == "auto":
+            checkpoint, damaged = find_resumable(path / "checkpoints")
+            if damaged and checkpoint is None:
+                raise RunDirError(
+                    f"resume=auto: no checkpoint of {path} can be resumed from ({'; '.join(damaged)}); "
+                    "start a new run (another logging.run_name) or remove the damaged folders"
+                )
+            notes = [f"passed over damaged checkpoint {d}" for d in damaged]
+            if damaged:
+                notes.append(f"resuming from {checkpoint.name}, the newest whole checkpoint")
+            return cls(path, notes), checkpoint
+        if path.exists() and any(path.iterdir()):
+            if not cls(path).never_saved():
+                raise RunDirError(
+                    f"run directory {path} already exists and is not empty; continue it with resume=auto, "
+                    "pick another logging.run_name, or remove the folder"
+                )
+            # a run that stopped before its first checkpoint (a reward or the gate failed): nothing to
+            # continue, so the same command may start it again
+            return cls(
+                path, [f"{path} holds a run that stopped before its first checkpoint: starting over"]
+            ), None
         return cls(path), None
 
-    def create(self, cfg: Config) -> None:
+    def never_saved(self) -> bool:
+        """A run directory from a start that failed early: its config.yaml, no checkpoint and no final/."""
+        return (
+            (self.path / "config.yaml").is_file()
+            and not list_checkpoints(self.path / "checkpoints")
+            and not (self.path / "final").exists()
+        )
+
+    def create(self, cfg: Config, resumed_step: int | None = None, changes: list[str] = ()) -> None:
+        """Write config.yaml for a new run. A resumed run keeps the config.yaml it started with; when the
+        resume changed settings, the config used from then on goes in config.from-step-NNNNNN.yaml."""
         try:
             self.path.mkdir(parents=True, exist_ok=True)
-            (self.path / "config.yaml").write_text(cfg.to_yaml())
+            target = self.path / "config.yaml"
+            if resumed_step is not None and target.is_file():
+                target = self.path / f"config.from-step-{resumed_step + 1:06d}.yaml" if changes else None
+            if target is not None:
+                target.write_text(cfg.to_yaml())
         except OSError as exc:
             raise RunDirError(
                 f"cannot write the run directory {self.path}: {exc.strerror}; "
@@ -143,30 +190,59 @@ def keep_freed_memory() -> bool:
 
 class StopRequest:
     """Turns the first Ctrl-C / SIGTERM into a request to stop after the current step (the loop then
-    checkpoints and exits); a second Ctrl-C aborts at once."""
+    checkpoints and exits). A second Ctrl-C or SIGTERM aborts at once, and so does the end of `timeout`
+    seconds after the first (a step that runs away): StepAborted, without a checkpoint."""
 
-    def __init__(self) -> None:
+    def __init__(self, timeout: float | None = None) -> None:
         self.requested = False
+        self.timeout = timeout
         self._previous: dict[int, Any] = {}
 
     def _handle(self, signum, frame) -> None:
-        if self.requested and signum == signal.SIGINT:
-            raise KeyboardInterrupt
-        self.requested = True
         name = signal.Signals(signum).name
+        if signum == getattr(signal, "SIGALRM", None):
+            if self.requested:
+                raise StepAborted(f"the step did not finish within train.stop_timeout={self.timeout:g} s")
+            return
+        if self.requested:
+            raise StepAborted(f"a second {name}")
+        self.requested = True
+        grace = ""
+        if self.timeout is not None and hasattr(signal, "SIGALRM"):
+            signal.setitimer(signal.ITIMER_REAL, self.timeout)
+            grace = f", or in {self.timeout:g} s (train.stop_timeout)"
         print(
-            f"\ngraft: {name} received: finishing this step, then saving a checkpoint (Ctrl-C again aborts)"
+            f"\ngraft: {name} received: finishing this step, then saving a checkpoint (a second Ctrl-C or "
+            f"SIGTERM aborts at once without one{grace})",
+            flush=True,
         )
 
     def __enter__(self) -> StopRequest:
         if threading.current_thread() is threading.main_thread():  # signals can only be caught there
-            for sig in (signal.SIGINT, signal.SIGTERM):
+            sigs = [signal.SIGINT, signal.SIGTERM] + ([signal.SIGALRM] if hasattr(signal, "SIGALRM") else [])
+            for sig in sigs:
                 self._previous[sig] = signal.signal(sig, self._handle)
         return self
 
+    def step_done(self) -> None:
+        """The step ended: the grace period is over, so the checkpoint that follows is not cut short."""
+        if hasattr(signal, "SIGALRM") and self._previous:
+            signal.setitimer(signal.ITIMER_REAL, 0)
+
     def __exit__(self, *exc) -> None:
+        if hasattr(signal, "SIGALRM") and self._previous:
+            signal.setitimer(signal.ITIMER_REAL, 0)
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
+
+
+class StepAborted(KeyboardInterrupt):
+    """A stop request that could not wait for the step to end (second signal, train.stop_timeout)."""
+
+    def __init__(self, why: str):
+        super().__init__(
+            f"{why}: aborted in the middle of a step; no checkpoint was written since the last one"
+        )
 
 
 def build_optimizer(params: list[torch.nn.Parameter], cfg: Config):
