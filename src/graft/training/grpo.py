@@ -84,7 +84,8 @@ def grpo_step(setup: StepSetup, draw_problems: Callable[[int], list[Problem]]) -
         )
     metrics = {**step_metrics(batch, zero_variance), **sampling, **setup.rewards.metrics(), **update}
     metrics.update(timer.metrics())
-    metrics["accuracy"] = (batch.reward_components[setup.correctness_name] >= 1.0).float().mean().item()
+    correct = batch.reward_components[setup.correctness_name]
+    metrics.setdefault("accuracy", (correct >= 1.0).float().mean().item())
     metrics["tokens_per_s"] = int(batch.rollout.completion_mask.sum()) / metrics["time/step"]
     return batch, metrics
 
@@ -123,6 +124,9 @@ def keep_groups_with_signal(
     }
     counts["sampling/groups_dropped"] = drawn - len(kept)
     counts["zero_variance_group_fraction"] = 1 - len(signal) / drawn  # over every group drawn
+    # sampled accuracy over every completion drawn: the kept groups alone would overstate it
+    correct = torch.cat([r.reward_components[setup.correctness_name] for r in rounds])
+    counts["accuracy"] = (correct >= 1.0).float().mean().item()
     if not kept:  # no signal anywhere: the first rollout, every advantage 0 (counted, nothing learned)
         counts["sampling/groups_kept"], counts["sampling/groups_dropped"] = (
             len(first.problems),
