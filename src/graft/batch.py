@@ -48,10 +48,15 @@ class ScoredBatch:
     loss_rows: torch.Tensor | None = None  # (B,) bool: rows the loss counts (dynamic sampling); None = all
 
 
+def group_rows(groups: list[int], group_size: int) -> torch.Tensor:
+    """(len(groups) * group_size,) the batch rows of groups `groups`, in that order."""
+    return torch.tensor([g * group_size + i for g in groups for i in range(group_size)], dtype=torch.long)
+
+
 def select_groups(rollout: Rollout, groups: list[int]) -> Rollout:
     """The rollout's groups `groups` (indices of groups, in that order) as a rollout of their own."""
     G = rollout.group_size
-    rows = torch.tensor([g * G + i for g in groups for i in range(G)], dtype=torch.long)
+    rows = group_rows(groups, G)
     entropy = None if rollout.entropy is None else rollout.entropy[rows]
     return Rollout(
         prompt_ids=rollout.prompt_ids[rows],

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+from graft.algo import PolicyLossOutput
 from graft.cpu.decoder import Recording
 from graft.cpu.plan import FastPaths
 from graft.cpu.replay import replay_backward
@@ -20,6 +21,8 @@ from graft.rollout.sampler import Rollout, sample
 
 
 class FastPath:
+    """The sampling copy the plan chose, and the recording of the last rollout it sampled for an update."""
+
     def __init__(self, policy, paths: FastPaths):
         self.paths = paths
         self.copy = SamplingCopy(
@@ -45,7 +48,7 @@ class FastPath:
 
     def replay_backward(
         self, policy, rollout: Rollout, temperature: float, loss_fn: Callable
-    ) -> object | None:
+    ) -> PolicyLossOutput | None:
         """loss_fn's output (graft.algo.PolicyLossOutput) with the LoRA gradients of the whole rollout added
         to .grad, from the recorded forward; None when `rollout` was not recorded (then nothing is done).
         Consumes the recording: one update per rollout."""

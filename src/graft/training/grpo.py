@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from graft import algo
-from graft.batch import Rollout, ScoredBatch, concat_rollouts, select_groups
+from graft.batch import Rollout, ScoredBatch, concat_rollouts, group_rows, select_groups
 from graft.config import Config
 from graft.cpu.fast_path import FastPath
 from graft.evaluation import decode_completions, encode_prompts
@@ -165,8 +165,7 @@ def _groups_with_signal(batch: ScoredBatch, group_size: int) -> list[int]:
 
 def _select(batch: ScoredBatch, groups: list[int]) -> ScoredBatch:
     """The batch's groups `groups`, as a batch of their own (before advantages)."""
-    G = batch.rollout.group_size
-    rows = torch.tensor([g * G + i for g in groups for i in range(G)], dtype=torch.long)
+    rows = group_rows(groups, batch.rollout.group_size)
     return ScoredBatch(
         select_groups(batch.rollout, groups),
         batch.rewards[rows],
