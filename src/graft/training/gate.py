@@ -9,6 +9,7 @@ from dataclasses import dataclass
 
 import torch
 
+from graft.checks.calls import gate_problem
 from graft.rewards.runtime import RewardRuntime, reward_name
 from graft.tasks import Task
 from graft.training.grpo import StepSetup, reward_inputs, sample_groups
@@ -79,13 +80,10 @@ def run_gate(setup: StepSetup, correctness_runtime: RewardRuntime, run, display)
         return scores
 
     functions = [reward_name(f) for f in (cfg.rewards.functions or task.default_rewards)]
+    problem = gate_problem(cfg, functions, setup.correctness_name)  # validate's check, for library callers
+    if problem:
+        raise GateError(problem)
     gated = gated_rewards(task, functions, cfg.gate.rewards)
-    unknown = [g for g in gated if g not in functions and g != setup.correctness_name]
-    if unknown:
-        raise GateError(
-            f"gate.rewards names {unknown}, which this run does not compute; use some of "
-            f"{sorted(set(functions) | {setup.correctness_name})}"
-        )
     display.print(f"gate: probing {cfg.gate.num_prompts} training prompts x {cfg.grpo.num_generations} ...")
     problems = task.train[: cfg.gate.num_prompts]
     # its own generator: the run's sampling sequence is the same with the gate on or off
