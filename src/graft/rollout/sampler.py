@@ -8,6 +8,7 @@ from __future__ import annotations
 import torch
 
 from graft.batch import Rollout
+from graft.kv_cache import cache_kwargs, output_cache
 from graft.rollout.buffers import ReservedBuffer
 
 try:
@@ -152,7 +153,7 @@ def sample(
         use_cache=True,
         logits_to_keep=1,
     )
-    cache = out.past_key_values
+    cache = output_cache(out)
     logits = out.logits[:, -1, :].float()  # (num_prompts, V)
     if group_size > 1:
         cache.batch_repeat_interleave(group_size)
@@ -202,10 +203,10 @@ def sample(
             input_ids=token[:, None],
             attention_mask=attention_mask,
             position_ids=next_position,
-            past_key_values=cache,
             use_cache=True,
+            **cache_kwargs(model, cache),
         )
-        cache = out.past_key_values
+        cache = output_cache(out)
         logits = out.logits[:, -1, :].float()
         next_position = next_position + 1
 

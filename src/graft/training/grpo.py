@@ -21,6 +21,7 @@ from graft.batch import Rollout, ScoredBatch, concat_rollouts, group_rows, selec
 from graft.config import Config
 from graft.cpu.fast_path import FastPath
 from graft.evaluation import decode_completions, encode_prompts
+from graft.kv_cache import cache_kwargs, output_cache
 from graft.models import merged_adapter, plain_linear_head, split_lm_head
 from graft.rewards.runtime import RewardRuntime, reward_name
 from graft.rollout.sampler import position_ids_from_mask, sample
@@ -296,14 +297,14 @@ def completion_logprobs(
             position_ids=positions[starts, :P],
             use_cache=True,
         )
-        cache = prefill.past_key_values
+        cache = output_cache(prefill)
         cache.batch_repeat_interleave(counts)  # (U, ...) -> (B, ...), differentiable
         rest = body(
             input_ids=completion_ids,
             attention_mask=attention_mask,
             position_ids=positions[:, P:],
-            past_key_values=cache,
             use_cache=True,
+            **cache_kwargs(body, cache),
         ).last_hidden_state
         first = prefill.last_hidden_state[:, -1:].repeat_interleave(counts, dim=0)  # predicts token 0
         hidden = torch.cat([first, rest[:, :-1]], dim=1)  # (B, T, d)
