@@ -26,8 +26,13 @@ def cmd_train(args: argparse.Namespace, console: Console) -> int:
 
 def cmd_validate(args: argparse.Namespace, console: Console) -> int:
     cfg = load_config(args.config, args.overrides)
-    from graft.validate import validate_or_raise
+    from graft.validate import plan_for_gpu, validate_or_raise
 
+    if args.gpu_memory is not None:  # a plan for another machine: only the memory question applies
+        _, verdict = plan_for_gpu(cfg, args.gpu_memory)
+        console.print(("[green]" if verdict.startswith("fits") else "[red]") + escape(verdict) + "[/]")
+        console.print("[dim](an estimate from the model's shape, until measured on that GPU)[/dim]")
+        return 0 if verdict.startswith("fits") else 1
     checked = validate_or_raise(cfg)
     memory = checked.memory
     console.print("[green]config OK[/green]" + (f"; memory estimate: {memory.describe()}" if memory else ""))
@@ -98,6 +103,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     validate.add_argument("config", nargs="?", help="YAML recipe")
     validate.add_argument("overrides", nargs="*", help="dotted overrides")
+    validate.add_argument(
+        "--gpu-memory",
+        type=float,
+        metavar="GIB",
+        help="instead: estimate whether the recipe fits a CUDA GPU with this many GiB (exit 1 if not)",
+    )
     validate.set_defaults(func=cmd_validate)
 
     doctor = sub.add_parser(

@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 
 from graft.inference import Target, generate, load_target
+from graft.models import dequantized_merge, is_quantized, resolve_dtype
 from graft.tasks import system_prompt
 from graft.training.checkpoint import CheckpointError, atomic_dir
 
@@ -127,7 +128,11 @@ def export_merged(target: Target, out: Path, parity: bool = True, tolerance: flo
     if parity:
         sequences, starts = parity_probe(model, tokenizer, target)
         reference = token_logprobs(model, sequences, starts)  # the adapter as trained, unmerged
-    merged = model.merge_and_unload() if hasattr(model, "merge_and_unload") else model
+    if is_quantized(model):  # merge into the de-quantized weights the adapter was trained against
+        dtype = resolve_dtype(target.cfg.model.dtype, next(model.parameters()).device)
+        merged = dequantized_merge(model, dtype)
+    else:
+        merged = model.merge_and_unload() if hasattr(model, "merge_and_unload") else model
 
     def write(tmp: Path) -> None:
         merged.save_pretrained(tmp, safe_serialization=True)

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import contextlib
+import copy
 import importlib.metadata
+import importlib.util
 import json
 import os
 import re
@@ -208,10 +210,16 @@ def load_model(cfg: ModelConfig, device: torch.device | None = None):
     path = str(Path(path).expanduser()) if path.startswith("~") else path
     device = device or resolve_device(cfg.device)
     dtype = resolve_dtype(cfg.dtype, device)
+    quantized = quantization_config(cfg.quantization, dtype)
     try:
         tokenizer = load_tokenizer(path, cfg)
         model = AutoModelForCausalLM.from_pretrained(
-            path, revision=cfg.revision, dtype=dtype, trust_remote_code=cfg.trust_remote_code
+            path,
+            revision=cfg.revision,
+            dtype=dtype,
+            trust_remote_code=cfg.trust_remote_code,
+            # bitsandbytes quantizes as the weights load, on the device they are placed on
+            **({"quantization_config": quantized, "device_map": {"": device}} if quantized else {}),
         )
     except (OSError, ValueError) as exc:  # ValueError: a malformed hub id
         hint = (
@@ -223,9 +231,66 @@ def load_model(cfg: ModelConfig, device: torch.device | None = None):
         raise ModelError(f"cannot load model '{cfg.name}': {_last_line(exc)}; check its files") from exc
     if cfg.adapter:
         model = fold_adapter(model, cfg.adapter)
-    model.to(device)
+    if not quantized:  # a quantized model is placed as it loads (and bitsandbytes refuses .to for 8-bit)
+        model.to(device)
+    else:
+        keep_trainable_4bit_layout(model)
     model.eval()
     return model, tokenizer
+
+
+QUANT_EXTRA = "pip install 'graft[quant]' (bitsandbytes)"
+
+
+def quantization_problem(kind: str, device: torch.device | None) -> str | None:
+    """Why model.quantization=`kind` cannot run here (None: it can), checked before loading."""
+    if kind == "none":
+        return None
+    if importlib.util.find_spec("bitsandbytes") is None:
+        return f"model.quantization={kind} needs bitsandbytes, which is not installed: {QUANT_EXTRA}"
+    if device is not None and device.type == "mps":
+        return (
+            f"model.quantization={kind}: bitsandbytes has no Apple-GPU (mps) kernels graft has verified; "
+            "use model.device=cpu, or model.quantization=none with model.dtype=bfloat16 on mps"
+        )
+    return None
+
+
+def quantization_config(kind: str, compute_dtype: torch.dtype):
+    """transformers' BitsAndBytesConfig for model.quantization (None for 'none'): NF4 with double
+    quantization for 4-bit (the QLoRA recipe), LLM.int8 for 8-bit."""
+    if kind == "none":
+        return None
+    from transformers import BitsAndBytesConfig
+
+    if quantization_problem(kind, None):
+        raise ModelError(quantization_problem(kind, None))
+    if kind == "4bit":
+        return BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=compute_dtype,
+        )
+    return BitsAndBytesConfig(load_in_8bit=True)
+
+
+def keep_trainable_4bit_layout(model) -> None:
+    """Keep bitsandbytes from repacking 4-bit weights into its CPU inference layout (AVX512-BF16 CPUs).
+
+    bitsandbytes repacks a layer's weights the first time it runs in eval mode without gradients (as a
+    rollout does) and keeps that layout; from then on the training forward goes through a kernel with no
+    backward, so the gradient into the layer's input is silently dropped and every LoRA factor below it
+    learns from a wrong gradient. tests/test_quantized.py checks the gradients against plain weights."""
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
+
+
+def is_quantized(model) -> bool:
+    """Whether the model's base weights are bitsandbytes-quantized (frozen; only an adapter trains)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return bool(getattr(base, "is_loaded_in_4bit", False) or getattr(base, "is_loaded_in_8bit", False))
 
 
 def adapter_location_problem(path: str) -> str | None:
@@ -259,6 +324,9 @@ def add_lora(model, cfg: LoraConfig, seed: int):
     from peft import LoraConfig as PeftLoraConfig
     from peft import get_peft_model
 
+    # A quantized base needs no preparation here: PEFT freezes it, graft's log-softmax runs in float32 on
+    # its own, and PEFT's prepare_model_for_kbit_training would upcast the embeddings and head to float32
+    # (4 GiB more for Phi-4 in bfloat16) for stability graft already has.
     torch.manual_seed(seed)
     peft_cfg = PeftLoraConfig(
         r=cfg.r,
@@ -330,8 +398,9 @@ def merged_weight(layer) -> torch.Tensor:
     """A LoRA layer's base weight with its active adapters' deltas added, as a new tensor. A plain LoRA
     delta is one addmm (base + scaling * B @ A, a single pass over the weight); DoRA and the other
     variants go through peft's own get_delta_weight."""
-    merged = layer.get_base_layer().weight.detach()
-    fresh = False  # whether `merged` is already a new tensor
+    base = layer.get_base_layer()
+    merged = plain_weight(base)
+    fresh = merged is not base.weight  # whether `merged` is already a new tensor
     for name in layer.active_adapters:
         if name not in layer.lora_A:
             continue
@@ -344,6 +413,23 @@ def merged_weight(layer) -> torch.Tensor:
     return merged if fresh else merged.clone()
 
 
+def plain_weight(layer) -> torch.Tensor:
+    """A linear layer's weight as a floating-point tensor: bitsandbytes' 4-bit (NF4/FP4) and 8-bit
+    (LLM.int8: int8 rows with one absmax scale each) weights de-quantized into new tensors, any other
+    layer's weight itself (detached)."""
+    weight = layer.weight
+    state = getattr(weight, "quant_state", None)
+    if state is not None:
+        from bitsandbytes.functional import dequantize_4bit
+
+        return dequantize_4bit(weight.data, state).to(state.dtype)
+    if weight.dtype == torch.int8:
+        scale = getattr(weight, "SCB", None)
+        scale = layer.state.SCB if scale is None else scale
+        return weight.data.float() * (scale.float()[:, None] / 127)
+    return weight.detach()
+
+
 def merged_state(model) -> tuple[dict[str, torch.Tensor], set[str] | None]:
     """(weights, adapted): the model's weights named as in the plain transformers model
     (model.layers.0.mlp.up_proj.weight), LoRA deltas folded in (new tensors for the adapted layers, the
@@ -352,16 +438,41 @@ def merged_state(model) -> tuple[dict[str, torch.Tensor], set[str] | None]:
     from peft import PeftModel
     from peft.tuners.lora import LoraLayer
 
-    if not isinstance(model, PeftModel):
-        return dict(model.named_parameters()), None
-    base = model.get_base_model()
+    base = model.get_base_model() if isinstance(model, PeftModel) else model
     state = {n.replace(".base_layer.", "."): p for n, p in base.named_parameters() if ".lora_" not in n}
+    for name, module in base.named_modules():  # quantized layers: their float weights, not the packed ones
+        if getattr(module, "weight", None) is not None and not module.weight.is_floating_point():
+            state[f"{name.replace('.base_layer', '')}.weight"] = plain_weight(module)
+    if not isinstance(model, PeftModel):
+        return state, None
     adapted = set()
     for name, layer in base.named_modules():
         if isinstance(layer, LoraLayer):
             state[f"{name}.weight"] = merged_weight(layer)
             adapted.add(f"{name}.weight")
     return state, adapted
+
+
+def dequantized_merge(model, dtype: torch.dtype):
+    """A plain transformers model (no bitsandbytes, no PEFT) in `dtype` whose weights are a quantized
+    model's de-quantized weights with its LoRA deltas added: what the adapter was trained against, so the
+    merged model computes what the trained 4-bit model computed (up to `dtype` rounding)."""
+    from transformers import AutoModelForCausalLM
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    config = copy.deepcopy(base.config)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    fresh = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    state, _ = merged_state(model)
+    missing, unexpected = fresh.load_state_dict({k: v.to(dtype) for k, v in state.items()}, strict=False)
+    missing = [k for k in missing if k != "lm_head.weight" or not config.tie_word_embeddings]
+    if missing or unexpected:
+        raise ModelError(
+            f"de-quantizing {config.name_or_path}: missing {missing[:5]}, unexpected {unexpected[:5]}"
+        )
+    fresh.generation_config = copy.deepcopy(base.generation_config)
+    return fresh.eval()
 
 
 @contextlib.contextmanager

@@ -40,6 +40,11 @@ class MemoryEstimate:
         return f"~{self.total / GiB:.1f} GiB on {self.device} ({rows} GiB); {free}"
 
 
+# bytes per weight of a quantized linear layer: NF4 is 4 bits plus, with double quantization, ~0.127 bits
+# of block scales (64-weight blocks, 8-bit absmax per block, float32 per 256 blocks); LLM.int8 keeps one
+# float32 scale per row, negligible next to a byte per weight
+QUANT_BYTES = {"4bit": (4 + 8 / 64 + 32 / (64 * 256)) / 8, "8bit": 1.0}
+
 LORA_WRAPPABLE = ("Linear", "Embedding", "Conv1d", "Conv2d", "Conv3d", "Conv1D")
 
 
@@ -81,9 +86,11 @@ def estimate_memory(
     device: torch.device,
     paths: FastPaths,
     prompt_tokens: int | None = None,
+    available: int | None = None,
 ) -> MemoryEstimate:
     """`paths`: the run's plan (graft.cpu.plan) for this model config: which copies and recordings exist.
-    `prompt_tokens`: the longest prompt, chat template included (graft.checks.prompts); unknown: 256."""
+    `prompt_tokens`: the longest prompt, chat template included (graft.checks.prompts); unknown: 256.
+    `available`: the bytes to compare against (default: what the device has free now)."""
     from graft.models import resolve_dtype
 
     dtype_bytes = torch.finfo(resolve_dtype(cfg.model.dtype, device)).bits // 8
@@ -99,16 +106,20 @@ def estimate_memory(
     batch = cfg.train.prompts_per_step * cfg.grpo.num_generations
     micro = min(cfg.train.micro_batch_size, batch)
 
+    linear_params = sum(i * o for i, o in linears.values())
     parts = {"weights": n_params * dtype_bytes}
+    if cfg.model.quantization != "none":
+        # bitsandbytes quantizes the linear layers only; embeddings, head and norms stay in model.dtype
+        quantized = int(linear_params * QUANT_BYTES[cfg.model.quantization])
+        parts["weights"] = quantized + (n_params - linear_params) * dtype_bytes
     # the rollout's own copy of the policy (graft.cpu.sampling.SamplingCopy) replaces the merged-layer copy
     sampling_copy = paths.sampling_copy
     copy_bytes = torch.finfo(paths.sampling_dtype).bits // 8
-    linear_params = sum(i * o for i, o in linears.values())
     if cfg.lora.enabled:
         targets = cfg.lora.target_modules
         chosen = [v for k, v in linears.items() if targets == "all-linear" or k.rsplit(".", 1)[-1] in targets]
         parts["adapter + Adam"] = sum(cfg.lora.r * (i + o) for i, o in chosen) * 16
-        if cfg.generation.merge_adapter and not sampling_copy:
+        if cfg.generation.merge_adapter and not sampling_copy and cfg.model.quantization == "none":
             parts["merged copy"] = linear_params * dtype_bytes
     else:
         parts["grads + Adam"] = n_params * (4 + 8)
@@ -120,6 +131,8 @@ def estimate_memory(
     micro_tokens = micro * cfg.generation.max_new_tokens + groups * prompt
     # activations kept for backward per token and layer: attention and MLP inputs (~6 hidden + 3 ffn)
     parts["activations"] = micro_tokens * layers * (6 * hidden + 3 * ffn) * max(dtype_bytes, 2)
+    if cfg.train.gradient_checkpointing:  # each layer's input is kept, one layer's activations at a time
+        parts["activations"] = micro_tokens * (layers * hidden + 6 * hidden + 3 * ffn) * max(dtype_bytes, 2)
     own_decoder, replays = paths.own_decoder, paths.replay
     if replays:  # graft.cpu.replay: the rollout records each layer's product inputs for the whole batch
         # in the sampling copy's dtype: bf16 in the mixed pair
@@ -137,7 +150,11 @@ def estimate_memory(
     parts["log-prob chunks"] = 512 * vocab * 4 * 3
     if device.type == "cpu":
         parts["runtime"] = 600 * 1024**2  # Python, torch, tokenizer
-    return MemoryEstimate(parts, available_memory(device), str(device))
+    elif device.type == "cuda":
+        parts["runtime"] = GiB  # the CUDA context and kernels, allocator slack
+    return MemoryEstimate(
+        parts, available if available is not None else available_memory(device), str(device)
+    )
 
 
 def _memory_advice(est: MemoryEstimate, cfg: Config) -> str:
@@ -156,7 +173,17 @@ def _memory_advice(est: MemoryEstimate, cfg: Config) -> str:
         "merged copy": "set generation.merge_adapter=false",
         "grads + Adam": "train a LoRA adapter (lora.enabled=true) or pick a smaller model",
         "reference copy": "use LoRA (its reference costs nothing) or grpo.beta=0",
-        "weights": "pick a smaller model or model.dtype=bfloat16",
+        "weights": "pick a smaller model"
+        + (
+            ", or model.dtype=bfloat16"
+            if est.parts["weights"] and cfg.model.dtype in ("auto", "float32")
+            else ""
+        )
+        + (
+            ", or model.quantization=4bit (QLoRA)"
+            if cfg.lora.enabled and cfg.model.quantization == "none"
+            else ""
+        ),
     }.get(biggest, "lower train.micro_batch_size")
     return f"the largest part is {biggest}: {advice}"
 
@@ -193,6 +220,7 @@ def _check(cfg: Config, estimate: bool = True) -> Checked:
         ModelError,
         adapter_location_problem,
         model_location_problem,
+        quantization_problem,
         resolve_device,
         resolve_model_path,
     )
@@ -272,6 +300,8 @@ def _check(cfg: Config, estimate: bool = True) -> Checked:
         device = resolve_device(cfg.model.device)
     except ModelError as exc:
         problems.append(f"'model.device': {exc}")
+    if quant_problem := quantization_problem(cfg.model.quantization, device):
+        problems.append(f"'model.quantization': {quant_problem}")
 
     est, config, paths, prompt_tokens = None, None, None, None
     if estimate and model_problem is None and device is not None:
@@ -335,3 +365,30 @@ def validate_or_raise(cfg: Config) -> Checked:
             + "\n".join(f"  - {p}" for p in checked.problems)
         )
     return checked
+
+
+def plan_for_gpu(cfg: Config, gpu_gib: float) -> tuple[MemoryEstimate, str]:
+    """(estimate, verdict) for running `cfg` on a CUDA GPU with `gpu_gib` GiB, from anywhere: a planning
+    question (`graft validate --gpu-memory 24`), answered from the model's config.json alone. model.dtype
+    auto counts as bfloat16, as it loads on a GPU that has it."""
+    from graft.models import ModelError, model_location_problem, resolve_model_path
+
+    if problem := model_location_problem(cfg.model.name):
+        raise ConfigError(f"'model.name': {problem}")
+    if cfg.model.dtype == "auto":
+        cfg = cfg.model_copy(deep=True)
+        cfg.model.dtype = "bfloat16"
+    try:
+        config, n_params, linears, _ = _model_shape(resolve_model_path(cfg.model), cfg)
+    except (OSError, ValueError, ModelError) as exc:
+        raise ConfigError(
+            f"cannot read the config of {cfg.model.name} ({str(exc).strip().splitlines()[-1][:200]}); the "
+            "plan needs only its config.json: point model.name at a folder that holds it"
+        ) from exc
+    device = torch.device("cuda")
+    paths = plan_fast_paths(cfg, device, config)
+    est = estimate_memory(cfg, config, n_params, linears, device, paths, available=int(gpu_gib * GiB))
+    label = f"{cfg.model.name} ({n_params / 1e9:.1f}B parameters, {cfg.model.dtype}, quantization {cfg.model.quantization})"
+    if est.total <= 0.95 * est.available:
+        return est, f"fits: {label} needs {est.describe()}"
+    return est, f"does not fit: {label} needs {est.describe()}; {_memory_advice(est, cfg)}"

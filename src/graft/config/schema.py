@@ -42,6 +42,11 @@ class ModelConfig(_Section):
         "auto", description="weight dtype; auto = float32 on CPU, bfloat16 on GPUs that support it"
     )
     device: str = Field("auto", description="'auto', 'cpu', 'cuda', 'cuda:N' or 'mps'")
+    quantization: Literal["none", "4bit", "8bit"] = Field(
+        "none",
+        description="load the base weights quantized with bitsandbytes (4bit = NF4 + double quantization, "
+        "computing in model.dtype) and train a LoRA adapter on them (QLoRA); needs graft[quant]",
+    )
     cache_dir: str | None = Field(
         None, description="where built-in models are cached as safetensors (default ~/.cache/graft)"
     )
@@ -246,6 +251,11 @@ class TrainConfig(_Section):
         "are); bfloat16 on a CPU needs oneDNN's bf16 kernels (AVX512-BW/VL/DQ, AMX or AVX-NE-CONVERT: see "
         "graft doctor) and is refused without them",
     )
+    gradient_checkpointing: bool = Field(
+        False,
+        description="recompute each layer's activations during backward instead of keeping them: far less "
+        "memory for big models on GPUs, about a third more compute",
+    )
     replay: bool = Field(
         True,
         description="at mu = 1, backpropagate through the activations the rollout computed instead of a "
@@ -410,6 +420,15 @@ class Config(_Section):
         description="'auto' = continue logging.run_name from its latest good checkpoint (or start it), "
         "or the path of a checkpoint folder",
     )
+
+    @model_validator(mode="after")
+    def _check_quantization(self) -> Config:
+        if self.model.quantization != "none" and not self.lora.enabled:
+            raise ValueError(
+                f"model.quantization={self.model.quantization} trains a LoRA adapter on frozen quantized "
+                "weights; set lora.enabled=true, or model.quantization=none for full fine-tuning"
+            )
+        return self
 
     @model_validator(mode="after")
     def _check_batch(self) -> Config:

@@ -69,6 +69,8 @@ def replay_config_problem(
     batch = t.prompts_per_step * g.num_generations
     if not t.replay:
         return "train.replay=false"
+    if t.gradient_checkpointing:
+        return "train.gradient_checkpointing=true (the replay keeps every layer's inputs; checkpointing keeps none)"
     if g.num_iterations != 1 or g.num_minibatches != 1:
         return "the batch outlives an update (grpo.num_iterations or grpo.num_minibatches > 1)"
     if t.micro_batch_size < batch:
@@ -117,6 +119,11 @@ def plan_fast_paths(
                     f"{key}={value}: this CPU cannot run {value} products at speed: {caps.missing(value)}; "
                     f"use {key}={'none' if key == 'train.autocast' else 'float32'} (float32 is faster here)"
                 )
+    quantized = cfg.model.quantization != "none"
+    if quantized:  # bitsandbytes' own layers compute from their packed weights; no copy, no replay
+        off = f"off: model.quantization={cfg.model.quantization} (bitsandbytes weights)"
+        why = {"packed weights": off, "graft decoder": off, "replayed update": off}
+        return FastPaths(device.type, policy_dtype, policy_dtype, False, False, False, False, why, problems)
     sampling_copy = (gen.pack_weights and cpu) or sampling_dtype != policy_dtype
     pack = gen.pack_weights and cpu
     if not gen.pack_weights:

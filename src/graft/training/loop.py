@@ -77,6 +77,10 @@ def setup_training(cfg: Config, checks: Checked, display: ProgressDisplay) -> tu
         ref_model = copy.deepcopy(policy).requires_grad_(False)
     if cfg.lora.enabled:
         policy = add_lora(policy, cfg.lora, cfg.train.seed)
+    if (
+        cfg.train.gradient_checkpointing
+    ):  # non-reentrant: needs no gradient on the (frozen) embeddings' output
+        policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     paths = plan_fast_paths(cfg, device, model=policy)  # the config's plan, settled for this model
     replay = paths.why.get("replayed update", "on")
     if cfg.train.replay and replay != "on":
