@@ -138,7 +138,11 @@ PHI4 = dict(  # Phi-4's published shape (microsoft/phi-4 config.json): 14.7B par
 def test_the_memory_plan_says_phi4_fits_a_24gb_gpu_in_4bit_and_not_in_bf16(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(PHI4))
     common = [f"model.name={tmp_path}", "generation.max_new_tokens=512", "grpo.num_generations=8"]
-    common += ["train.gradient_checkpointing=true", "train.micro_batch_size=4", "generation.merge_adapter=false"]
+    common += [
+        "train.gradient_checkpointing=true",
+        "train.micro_batch_size=4",
+        "generation.merge_adapter=false",
+    ]
     bf16, verdict16 = plan_for_gpu(load_config(None, common), 24)
     q4, verdict4 = plan_for_gpu(load_config(None, [*common, "model.quantization=4bit"]), 24)
     assert verdict16.startswith("does not fit") and "model.quantization=4bit" in verdict16

@@ -4,6 +4,7 @@ doctor | bench`: the command line."""
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import os
 import sys
@@ -20,7 +21,19 @@ from graft.quiet import quiet_libraries
 def cmd_train(args: argparse.Namespace, console: Console) -> int:
     from graft.api import train
 
-    train(load_config(args.config, args.overrides), console=console)
+    cfg = load_config(args.config, args.overrides)
+    if args.nproc > 1:  # check once here, then start the processes (each checks again, cheaply)
+        from graft.training.distributed import launched_world
+        from graft.training.launch import launch
+        from graft.validate import validate_or_raise
+
+        if launched_world() > 1:
+            raise ConfigError("--nproc inside a launched process: use either --nproc or torchrun/accelerate")
+        validate_or_raise(cfg, world=args.nproc)
+        console.print(f"graft: starting {args.nproc} training processes (torchrun, data-parallel)")
+        rest = [*([args.config] if args.config else []), *args.overrides]
+        return launch(args.nproc, ["train", *rest], cfg.train.stop_timeout)
+    train(cfg, console=console)
     return 0
 
 
@@ -96,6 +109,13 @@ def build_parser() -> argparse.ArgumentParser:
         "config", nargs="?", help="YAML recipe, e.g. configs/arithmetic.yaml (default: built-ins)"
     )
     train.add_argument("overrides", nargs="*", help="dotted overrides, e.g. grpo.beta=0.04 train.max_steps=3")
+    train.add_argument(
+        "--nproc",
+        type=count(1),
+        default=1,
+        help="data-parallel processes on this machine (torchrun; one per GPU, or CPU processes sharing "
+        "the cores); for several machines run torchrun / accelerate launch -m graft train on each",
+    )
     train.set_defaults(func=cmd_train)
 
     validate = sub.add_parser(
@@ -159,13 +179,22 @@ def main(argv: list[str] | None = None) -> int:
     # --debug anywhere (or GRAFT_DEBUG=1): errors show their Python traceback as well as the message
     debug = "--debug" in argv or os.environ.get("GRAFT_DEBUG", "") not in ("", "0")
     argv = [a for a in argv if a != "--debug"]
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    # overrides after an option (`train recipe.yaml --nproc 2 train.max_steps=3`): argparse stops the
+    # positional list at the option, so the rest arrive here
+    if extra and hasattr(args, "overrides") and not any(e.startswith("-") for e in extra):
+        args.overrides = [*args.overrides, *extra]
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     if args.command in ("train", "validate", "config", "doctor") or getattr(args, "split_config", False):
         _split_config_arg(args)
     if args.command not in ("config", "doctor", "completions", "report"):
         quiet_libraries()
     # soft_wrap: long paths and messages stay on one line (copyable), the terminal wraps them if it must
-    console = Console(soft_wrap=True)
+    # in a data-parallel run only the first process prints (graft.training.distributed); errors: all
+    quiet_rank = os.environ.get("RANK", "0") != "0"
+    console = Console(soft_wrap=True, file=io.StringIO() if quiet_rank else None)
     err = Console(stderr=True, soft_wrap=True)
     from graft.exporter import ExportError
     from graft.models import ModelError
@@ -186,7 +215,7 @@ def main(argv: list[str] | None = None) -> int:
         err.print(f"[bold red]training stopped:[/bold red] {escape(str(exc))}", highlight=False)
         return 1
     except TrainingInterrupted as exc:
-        console.print(f"[yellow]{escape(str(exc))}[/yellow]\n" + resume_hint(args, exc.run_dir))
+        console.print(f"[yellow]{escape(str(exc))}[/yellow]\n" + escape(resume_hint(args, exc.run_dir)))
         return 130
     except StepAborted as exc:
         _traceback(err, debug)
@@ -228,7 +257,9 @@ def resume_hint(args: argparse.Namespace, run_dir) -> str:
     keep = [
         o for o in args.overrides if not o.startswith(("resume=", "logging.run_name=", "logging.output_dir="))
     ]
-    parts = ["graft train", *([args.config] if args.config else []), *keep, "resume=auto",
+    world = int(os.environ.get("WORLD_SIZE", "1"))  # a data-parallel run resumes with as many processes
+    launch = ["graft train"] + ([f"--nproc {world}"] if world > 1 else [])
+    parts = [*launch, *([args.config] if args.config else []), *keep, "resume=auto",
              f"logging.output_dir={run_dir.parent}", f"logging.run_name={run_dir.name}"]  # fmt: skip
     return "resume with:\n  " + " ".join(parts)
 

@@ -3,6 +3,7 @@ graft.cli and graft.bench can both use it without importing each other."""
 
 from __future__ import annotations
 
+import logging
 import os
 
 
@@ -18,6 +19,11 @@ def quiet_libraries() -> None:
     warnings.filterwarnings(
         "ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning
     )
+
+    # bitsandbytes: on AVX512-BF16 CPUs it looks for a hub kernel for its inference layout, which graft
+    # keeps off (graft.models.keep_trainable_4bit_layout); and LLM.int8 says it computes in float16
+    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", message="MatMul8bitLt: inputs will be cast", category=UserWarning)
 
     transformers.utils.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()

@@ -214,7 +214,32 @@ def check_run(cfg: Config, estimate: bool = True) -> tuple[list[str], MemoryEsti
     return checked.problems, checked.memory
 
 
-def _check(cfg: Config, estimate: bool = True) -> Checked:
+def data_parallel_problems(cfg: Config, world: int) -> list[str]:
+    """What keeps `cfg` from running in `world` data-parallel processes (graft.training.distributed)."""
+    if world == 1:
+        return []
+    problems = []
+    if cfg.train.prompts_per_step % world:
+        problems.append(
+            f"'train.prompts_per_step': {cfg.train.prompts_per_step} prompts do not split over {world} "
+            f"processes (each keeps whole groups); use a multiple of {world}"
+        )
+    if cfg.grpo.dynamic_sampling:
+        problems.append(
+            "'grpo.dynamic_sampling': not supported with several processes yet (each would draw its own "
+            "extra prompts); set it to false or run one process"
+        )
+    if cfg.sft.enabled:
+        problems.append(
+            "'sft.enabled': the warm-up runs in one process; run `graft sft` first, then train with "
+            "model.adapter=<sft run>/final"
+        )
+    if "cuda" in cfg.model.device and torch.cuda.is_available() and world > torch.cuda.device_count():
+        problems.append(f"{world} processes but {torch.cuda.device_count()} GPU(s): one process per GPU")
+    return problems
+
+
+def _check(cfg: Config, estimate: bool = True, world: int = 1) -> Checked:
     from graft.checks.calls import gate_problem, reward_signature_problem
     from graft.models import (
         ModelError,
@@ -228,7 +253,7 @@ def _check(cfg: Config, estimate: bool = True) -> Checked:
     from graft.tasks import build_task
     from graft.training.run import RunDir, RunDirError
 
-    problems: list[str] = []
+    problems: list[str] = data_parallel_problems(cfg, world)
     notes: list[str] = []
     task, rewards = None, {}
     try:
@@ -321,7 +346,7 @@ def _check(cfg: Config, estimate: bool = True) -> Checked:
             notes.extend(fit.notes)
             prompt_tokens = fit.longest
     if device is not None:  # what this machine can run, before anything heavy starts
-        paths = plan_fast_paths(cfg, device, config)
+        paths = plan_fast_paths(cfg, device, config, world=world)
         problems.extend(paths.problems)
     if config is not None:
         est = estimate_memory(cfg, config, n_params, linears, device, paths, prompt_tokens)
@@ -357,8 +382,9 @@ def _fit_prompts(cfg: Config, task: Task, model_path: str, config):
         )  # fmt: skip
 
 
-def validate_or_raise(cfg: Config) -> Checked:
-    checked = _check(cfg)
+def validate_or_raise(cfg: Config, world: int = 1) -> Checked:
+    """Every problem `_check` finds for a run in `world` processes, raised at once as a ConfigError."""
+    checked = _check(cfg, world=world)
     if checked.problems:
         raise ConfigError(
             f"{len(checked.problems)} problem(s) found before loading the model:\n"

@@ -61,12 +61,13 @@ def _resolve(name: str, device: torch.device, default: torch.dtype) -> torch.dty
 
 
 def replay_config_problem(
-    cfg: Config, policy_dtype, sampling_dtype, own_decoder: bool, lora: bool
+    cfg: Config, policy_dtype, sampling_dtype, own_decoder: bool, lora: bool, world: int = 1
 ) -> str | None:
     """Why a run with this config cannot replay the rollout's forward in its update; None when it can
-    (the model-level part, which LoRA layers exist, is graft.cpu.replay.replay_model_problem's)."""
+    (the model-level part, which LoRA layers exist, is graft.cpu.replay.replay_model_problem's).
+    `world`: data-parallel processes; each records and replays its own share of the batch."""
     g, t = cfg.grpo, cfg.train
-    batch = t.prompts_per_step * g.num_generations
+    batch = t.prompts_per_step // world * g.num_generations
     if not t.replay:
         return "train.replay=false"
     if t.gradient_checkpointing:
@@ -91,7 +92,12 @@ def replay_config_problem(
 
 
 def plan_fast_paths(
-    cfg: Config, device: torch.device, model_config=None, caps: CpuCapabilities | None = None, model=None
+    cfg: Config,
+    device: torch.device,
+    model_config=None,
+    caps: CpuCapabilities | None = None,
+    model=None,
+    world: int = 1,
 ) -> FastPaths:
     """The paths this run takes. `model_config` (a transformers config) says whether graft's decoder fits
     the model; without it own_decoder and replay are None (unknown) where they depend on it. `model`, the
@@ -146,7 +152,9 @@ def plan_fast_paths(
         why["graft decoder"] = "on" if own_decoder else f"off: {problem}"
     replay = None
     if own_decoder is not None:
-        problem = replay_config_problem(cfg, policy_dtype, sampling_dtype, own_decoder, cfg.lora.enabled)
+        problem = replay_config_problem(
+            cfg, policy_dtype, sampling_dtype, own_decoder, cfg.lora.enabled, world
+        )
         if problem is None and model is not None:
             problem = replay_model_problem(model)
         replay = problem is None

@@ -16,6 +16,7 @@ import importlib.util
 import math
 import multiprocessing as mp
 import multiprocessing.connection as mp_connection
+import signal
 import time
 import traceback
 from collections.abc import Callable
@@ -84,6 +85,10 @@ def call_reward(fn, prompts: list, completions: list, columns: dict[str, list]) 
 
 
 def _worker_main(conn) -> None:
+    # A terminal's Ctrl-C reaches the whole process group (and torchrun signals a worker's group): the
+    # training process decides how to stop and ends this worker itself, so a Ctrl-C must not kill it
+    # in the middle of scoring the step the run is finishing.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     loaded: dict[str, Any] = {}
     while True:
         try:

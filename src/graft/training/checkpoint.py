@@ -193,8 +193,11 @@ def prune_checkpoints(checkpoints_dir: Path, keep_last_n: int) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def restore_checkpoint(checkpoint: Path, state: dict, policy, optimizer, scheduler, order, generator) -> None:
-    """Put the policy weights, optimizer, schedule, data position and every RNG back as they were saved."""
+def restore_checkpoint(
+    checkpoint: Path, state: dict, policy, optimizer, scheduler, order, generator, rank: int = 0
+) -> None:
+    """Put the policy weights, optimizer, schedule, data position and every RNG back as they were saved
+    (data-parallel runs: this rank's RNGs; a rank the checkpoint did not have starts from the main's)."""
     from safetensors.torch import load_file
 
     try:
@@ -220,4 +223,5 @@ def restore_checkpoint(checkpoint: Path, state: dict, policy, optimizer, schedul
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     order.restore(state["trainer_state"]["order"])
-    restore_rng(state["rng"], generator)
+    ranks_rng = state["trainer_state"].get("rank_rng") or [state["rng"]]
+    restore_rng(ranks_rng[rank] if rank < len(ranks_rng) else state["rng"], generator)

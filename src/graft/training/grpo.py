@@ -26,6 +26,7 @@ from graft.models import merged_adapter, plain_linear_head, split_lm_head
 from graft.rewards.runtime import RewardRuntime, reward_name
 from graft.rollout.sampler import position_ids_from_mask, sample
 from graft.tasks import Problem, Task
+from graft.training.distributed import SINGLE, Ranks, reduce_metrics
 from graft.training.records import PhaseTimer, step_metrics
 
 
@@ -49,6 +50,7 @@ class StepSetup:
     device: torch.device
     fast_path: FastPath | None  # graft.cpu: sampling copy and replayed update, when the plan takes them
     ref_model: torch.nn.Module | None  # full fine-tuning with beta > 0; LoRA uses the adapter-off policy
+    ranks: Ranks = SINGLE  # data-parallel processes (graft.training.distributed); one by default
 
 
 def grpo_step(setup: StepSetup, draw_problems: Callable[[int], list[Problem]]) -> tuple[ScoredBatch, dict]:
@@ -63,15 +65,19 @@ def grpo_step(setup: StepSetup, draw_problems: Callable[[int], list[Problem]]) -
     5. frozen log-probs: the old policy's when the batch outlives an update, the reference's when beta > 0;
     6. update: num_iterations x num_minibatches optimizer steps on the clipped policy loss.
     """
-    cfg, timer = setup.cfg, PhaseTimer()
-    batch = sample_and_score(setup, draw_problems(cfg.train.prompts_per_step), timer)
+    cfg, timer, ranks = setup.cfg, PhaseTimer(), setup.ranks
+    problems = ranks.share(
+        draw_problems(cfg.train.prompts_per_step)
+    )  # every rank draws, each keeps its share
+    batch = sample_and_score(setup, problems, timer)
     sampling = {}
     if cfg.grpo.dynamic_sampling:
         batch, sampling = keep_groups_with_signal(setup, batch, draw_problems, timer)
     with timer.phase("train"):  # steps 4-6
-        batch.advantages, zero_variance = algo.group_advantages(
-            batch.rewards, cfg.grpo.num_generations, cfg.grpo.scale_rewards
+        advantages, zero_variance = algo.group_advantages(
+            ranks.gather_rows(batch.rewards), cfg.grpo.num_generations, cfg.grpo.scale_rewards
         )
+        batch.advantages, zero_variance = ranks.share_rows(advantages), ranks.share_rows(zero_variance)
         batch.old_logprobs, batch.ref_logprobs = old_and_reference_logprobs(setup, batch.rollout)
         update = update_policy(
             setup.policy,
@@ -82,13 +88,14 @@ def grpo_step(setup: StepSetup, draw_problems: Callable[[int], list[Problem]]) -
             setup.device,
             setup.params,
             setup.fast_path,
+            ranks,
         )
     metrics = {**step_metrics(batch, zero_variance), **sampling, **setup.rewards.metrics(), **update}
     metrics.update(timer.metrics())
     correct = batch.reward_components[setup.correctness_name]
     metrics.setdefault("accuracy", (correct >= 1.0).float().mean().item())
     metrics["tokens_per_s"] = int(batch.rollout.completion_mask.sum()) / metrics["time/step"]
-    return batch, metrics
+    return batch, reduce_metrics(ranks, metrics)
 
 
 def sample_and_score(setup: StepSetup, problems: list[Problem], timer: PhaseTimer) -> ScoredBatch:
@@ -419,10 +426,12 @@ def minibatch_backward(
     cfg: Config,
     device,
     fast_path: FastPath | None = None,
+    ranks: Ranks = SINGLE,
 ) -> tuple[list[algo.PolicyLossOutput], bool]:
     """Accumulate into .grad the gradient of the loss over rows `minibatch`; (the loss of each piece,
     whether it was replayed). The fast path replays the rollout's forward when it recorded one for this
-    batch; otherwise a forward and a backward per micro-batch."""
+    batch; otherwise a forward and a backward per micro-batch. With several ranks the normalisers count
+    every rank's minibatch, so the ranks' gradients add up to the whole step's."""
     rollout = batch.rollout
     counted = (
         torch.ones(len(rollout.completion_ids), dtype=torch.bool)
@@ -432,9 +441,10 @@ def minibatch_backward(
 
     def loss(logprobs: torch.Tensor, rows: torch.Tensor, mask: torch.Tensor) -> algo.PolicyLossOutput:
         mask = mask * counted[rows, None].to(mask.device, mask.dtype)  # rows left out by dynamic sampling
-        return grpo_loss(logprobs, batch, rows, mask, max(int(counted[minibatch].sum()), 1), num_tokens, cfg)
+        return grpo_loss(logprobs, batch, rows, mask, num_sequences, num_tokens, cfg)
 
-    num_tokens = int(rollout.completion_mask[minibatch][counted[minibatch]].sum())
+    num_sequences = max(int(ranks.sum(int(counted[minibatch].sum()))), 1)
+    num_tokens = int(ranks.sum(int(rollout.completion_mask[minibatch][counted[minibatch]].sum())))
     if fast_path is not None and len(minibatch) == len(rollout.completion_ids):
         replay_loss = functools.partial(loss, rows=minibatch, mask=rollout.completion_mask.to(device))
         out = fast_path.replay_backward(policy, rollout, cfg.generation.temperature, replay_loss)
@@ -457,6 +467,7 @@ def update_policy(
     device,
     params,
     fast_path: FastPath | None = None,
+    ranks: Ranks = SINGLE,
 ) -> dict:
     """num_iterations passes over the batch, each split into num_minibatches optimizer steps, each made of
     micro-batches whose gradients accumulate (loss normalisers count the whole minibatch, see algo). A
@@ -470,10 +481,13 @@ def update_policy(
     for _ in range(cfg.grpo.num_iterations):
         for minibatch in torch.arange(batch_size).split(batch_size // cfg.grpo.num_minibatches):
             optimizer.zero_grad(set_to_none=True)
-            outs, replayed_now = minibatch_backward(policy, batch, minibatch, cfg, device, fast_path)
+            outs, replayed_now = minibatch_backward(policy, batch, minibatch, cfg, device, fast_path, ranks)
             replayed = replayed or replayed_now
             # statistics stay on the device until the end: .item() per micro-batch would stall a GPU
             step_loss = torch.stack([out.loss.detach() for out in outs]).sum()
+            if ranks.world > 1:  # every rank must agree to step or to skip
+                ranks.sum_gradients(params)
+                step_loss = torch.tensor(ranks.sum(step_loss.item()))
             clip_fractions.extend(out.clip_fraction for out in outs)
             kls.extend(out.kl for out in outs if out.kl is not None)
             grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)

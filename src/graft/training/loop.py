@@ -6,9 +6,11 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import io
 from pathlib import Path
 
 import torch
+from rich.console import Console
 from rich.markup import escape
 
 from graft.batch import ScoredBatch
@@ -25,10 +27,12 @@ from graft.training.checkpoint import (
     load_trainer_state,
     remove_torn_saves,
     restore_checkpoint,
+    rng_state,
     save_checkpoint,
     save_model,
 )
-from graft.training.gate import run_gate
+from graft.training.distributed import SINGLE, Ranks, init_ranks, rank_device
+from graft.training.gate import GateError, run_gate
 from graft.training.grpo import StepSetup, grpo_step
 from graft.training.records import completion_rows
 from graft.training.run import PromptOrder, RunDir, StopRequest, build_optimizer, setup_process
@@ -48,7 +52,9 @@ class TrainingError(RuntimeError):
     """The run cannot go on (evaluation.g. updates that stay non-finite); the message says what to change."""
 
 
-def setup_training(cfg: Config, checks: Checked, display: ProgressDisplay) -> tuple[StepSetup, RewardRuntime]:
+def setup_training(
+    cfg: Config, checks: Checked, display: ProgressDisplay, ranks: Ranks = SINGLE
+) -> tuple[StepSetup, RewardRuntime]:
     """Everything built once: reward runtimes, model (+ LoRA, + a frozen reference for full fine-tuning with
     beta > 0), the fast path the plan takes for the loaded model, optimizer and the rollout generator.
     Returns the step setup and the runtime that judges correctness (the rewards' own when they include
@@ -81,7 +87,9 @@ def setup_training(cfg: Config, checks: Checked, display: ProgressDisplay) -> tu
         cfg.train.gradient_checkpointing
     ):  # non-reentrant: needs no gradient on the (frozen) embeddings' output
         policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    paths = plan_fast_paths(cfg, device, model=policy)  # the config's plan, settled for this model
+    paths = plan_fast_paths(
+        cfg, device, model=policy, world=ranks.world
+    )  # the config's plan, settled for this model
     replay = paths.why.get("replayed update", "on")
     if cfg.train.replay and replay != "on":
         display.print(f"[dim]train.replay: not used, a second forward per update: {escape(replay[5:])}[/dim]")
@@ -100,12 +108,27 @@ def setup_training(cfg: Config, checks: Checked, display: ProgressDisplay) -> tu
         optimizer=optimizer,
         scheduler=scheduler,
         params=params,
-        generator=torch.Generator(device=device).manual_seed(cfg.train.seed),
+        # each rank draws its own samples: the same seed would correlate the ranks' groups
+        generator=torch.Generator(device=device).manual_seed(cfg.train.seed + ranks.rank),
         device=device,
         fast_path=FastPath.build(policy, paths),
         ref_model=ref_model,
+        ranks=ranks,
     )
     return setup, correctness_runtime
+
+
+class NoTracker:
+    """The tracker of a rank that is not the main one: the main rank writes the run's records."""
+
+    def write(self, row: dict) -> None:
+        pass
+
+    def write_completions(self, rows: list) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
 
 
 class Bookkeeping:
@@ -130,7 +153,8 @@ class Bookkeeping:
             if "health" in trainer_state:
                 self.health.restore(trainer_state["health"])
         # on resume, records after the checkpoint are redone; a fresh start in an old folder drops them all
-        self.tracker = Tracker(run.path, cfg, keep_until_step=self.first_step - 1 if state else -1)
+        keep_until = self.first_step - 1 if state else -1
+        self.tracker = Tracker(run.path, cfg, keep_until_step=keep_until) if setup.ranks.main else NoTracker()
 
     def evaluate(self, tag: str, step: int) -> float:
         """Held-out accuracy now (greedy unless eval.* asks for samples), recorded in eval.json under `tag`."""
@@ -164,6 +188,15 @@ class Bookkeeping:
             "health": self.health.state(),
             "config": self.cfg.model_dump(mode="json"),
         }
+        if setup.ranks.world > 1:  # the weights are the same everywhere; each rank's random state is its own
+            trainer_state["rank_rng"] = setup.ranks.gather_objects(rng_state(setup.generator))
+            sums = setup.ranks.gather_objects([float(p.detach().double().sum()) for p in setup.params])
+            trainer_state["rank_weight_sums"] = sums
+            if any(s != sums[0] for s in sums):  # summed gradients keep them equal; anything else is a bug
+                raise TrainingError(f"step {step}: the processes' weights differ ({sums[0][:3]} vs others)")
+        if not setup.ranks.main:
+            setup.ranks.barrier()  # the main rank writes; the others wait until the checkpoint is whole
+            return
         save_checkpoint(
             self.run.path / "checkpoints",
             step,
@@ -175,6 +208,7 @@ class Bookkeeping:
             generator=setup.generator,
             keep_last_n=self.cfg.checkpoint.keep_last_n,
         )
+        setup.ranks.barrier()
 
     def after_step(self, step: int, batch: ScoredBatch, metrics: dict, stopping: bool) -> None:
         """Health alarms, completions log, the non-finite rule, periodic evaluation and checkpoint, the
@@ -189,7 +223,7 @@ class Bookkeeping:
                 raise
         for alarm in self.health.check(metrics):
             display.print(f"[bold yellow]health:[/bold yellow] {escape(alarm.message())}")
-        rows = completion_rows(step, batch)
+        rows = [row for part in self.setup.ranks.gather_objects(completion_rows(step, batch)) for row in part]
         self.tracker.write_completions(rows)
         if cfg.logging.completions_every and step % cfg.logging.completions_every == 0:
             display.completions_table(step, rows)
@@ -205,7 +239,9 @@ class Bookkeeping:
             )
         final_eval_follows = cfg.eval.at_end and step == cfg.train.max_steps
         if cfg.eval.every_n_steps and step % cfg.eval.every_n_steps == 0 and not final_eval_follows:
-            metrics["eval/accuracy"] = self.evaluate(f"step_{step}", step)
+            if self.setup.ranks.main:  # one evaluation for the run; the other ranks wait for it
+                metrics["eval/accuracy"] = self.evaluate(f"step_{step}", step)
+            self.setup.ranks.barrier()
         every = cfg.checkpoint.every_n_steps
         if step == cfg.train.max_steps or stopping or (every and step % every == 0):
             self.checkpoint(step)
@@ -227,8 +263,15 @@ def report_reward_failures(rewards: RewardRuntime, display: ProgressDisplay) -> 
 def train(cfg: Config, console=None, stop_after: int | None = None) -> Path:
     """Run GRPO as configured; returns the run directory. stop_after=k stops after step k exactly as a
     Ctrl-C would (checkpoint, then TrainingInterrupted), for notebooks and tests."""
-    checks = validate_or_raise(cfg)  # every config, data, path, disk and memory problem, before any loading
-    run, resume_from = RunDir.for_config(cfg)
+    ranks, made_group = init_ranks(cfg.model.device)
+    if ranks.world > 1:
+        cfg = cfg.model_copy(deep=True)  # the caller's config object stays as given
+        cfg.model.device = rank_device(cfg.model.device, ranks)
+        console = console if ranks.main else Console(file=io.StringIO())  # one process prints
+    # every config, data, path, disk and memory problem, before any loading
+    checks = validate_or_raise(cfg, world=ranks.world)
+    run, resume_from = ranks.broadcast(RunDir.for_config(cfg))  # a generated run name is the main rank's
+    ranks.barrier()  # every rank has checked the run directory before the main rank creates it
     display = ProgressDisplay(cfg.train.max_steps, cfg.logging.progress, console)
     if checks.memory is not None:
         display.print(f"memory estimate: {checks.memory.describe()}")
@@ -259,43 +302,58 @@ def train(cfg: Config, console=None, stop_after: int | None = None) -> Path:
     deterministic_before = torch.are_deterministic_algorithms_enabled()  # process-wide: put back at the end
     setup_process(cfg.train)
 
-    setup, correctness_runtime = setup_training(cfg, checks, display)
-    run.create(cfg, state["step"] if state else None, checks.resume_changes)
+    setup, correctness_runtime = setup_training(cfg, checks, display, ranks)
+    if ranks.main:
+        run.create(cfg, state["step"] if state else None, checks.resume_changes)
+    ranks.barrier()
     books = Bookkeeping(cfg, setup, run, display, state)
     if state is not None:
         restore_checkpoint(
-            resume_from, state, setup.policy, setup.optimizer, setup.scheduler, books.order, setup.generator
-        )
+            resume_from, state, setup.policy, setup.optimizer, setup.scheduler, books.order, setup.generator,
+            ranks.rank,
+        )  # fmt: skip
         display.print(f"resuming {run.path.name} from {resume_from.name} (step {state['step']})")
-    remove_torn_saves(run.path / "checkpoints")
+    if ranks.main:
+        remove_torn_saves(run.path / "checkpoints")
     try:
         if cfg.gate.enabled and state is None:
-            try:
-                run_gate(setup, correctness_runtime, run, display)
-            finally:
-                report_reward_failures(setup.rewards, display)
+            gate_failure = None
+            if ranks.main:  # one probe decides for every rank
+                try:
+                    run_gate(setup, correctness_runtime, run, display)
+                except GateError as exc:
+                    gate_failure = exc
+                finally:
+                    report_reward_failures(setup.rewards, display)
+            if gate_failure := ranks.broadcast(gate_failure):
+                raise gate_failure
         if cfg.eval.at_start and state is None:
             display.print("evaluating the starting model on the held-out split ...")
-            accuracy = books.evaluate("before", 0)
-            display.print(f"held-out accuracy before training: {accuracy:.3f}")
-            books.tracker.write({"step": 0, "eval/accuracy": accuracy})
+            if ranks.main:
+                accuracy = books.evaluate("before", 0)
+                display.print(f"held-out accuracy before training: {accuracy:.3f}")
+                books.tracker.write({"step": 0, "eval/accuracy": accuracy})
+            ranks.barrier()
         display.start(books.first_step - 1)
         with StopRequest(cfg.train.stop_timeout) as stop:
             for step in range(books.first_step, cfg.train.max_steps + 1):
                 batch, metrics = grpo_step(setup, books.order.next_problems)
                 stop.step_done()
-                stopping = stop.requested or step == stop_after
+                stopping = ranks.any(stop.requested or step == stop_after)  # every rank stops together
                 books.after_step(step, batch, {"step": step, **metrics}, stopping)
                 if stopping and step < cfg.train.max_steps:
                     raise TrainingInterrupted(step, run.path)
         display.close()
-        save_model(setup.policy, setup.tokenizer, run.path / "final")
-        if cfg.eval.at_end:
-            accuracy = books.evaluate("after", cfg.train.max_steps)
-            books.tracker.write({"step": cfg.train.max_steps, "eval/accuracy": accuracy})
+        if ranks.main:
+            save_model(setup.policy, setup.tokenizer, run.path / "final")
+            if cfg.eval.at_end:
+                accuracy = books.evaluate("after", cfg.train.max_steps)
+                books.tracker.write({"step": cfg.train.max_steps, "eval/accuracy": accuracy})
+        ranks.barrier()
     except BaseException:
-        with contextlib.suppress(Exception):  # best effort: the error that stopped the run matters more
-            display.print(f"report so far: {write_report(run.path)}")
+        if ranks.main:
+            with contextlib.suppress(Exception):  # best effort: the error that stopped the run matters more
+                display.print(f"report so far: {write_report(run.path)}")
         raise
     finally:
         display.close()
@@ -303,6 +361,10 @@ def train(cfg: Config, console=None, stop_after: int | None = None) -> Path:
         setup.rewards.close()
         correctness_runtime.close()
         torch.use_deterministic_algorithms(deterministic_before)
+        if made_group:
+            torch.distributed.destroy_process_group()
+    if not ranks.main:
+        return run.path
     report = write_report(run.path)
     run.print_summary(display, books.eval_history, report)
     return run.path

@@ -211,11 +211,12 @@ class StopRequest:
         if self.timeout is not None and hasattr(signal, "SIGALRM"):
             signal.setitimer(signal.ITIMER_REAL, self.timeout)
             grace = f", or in {self.timeout:g} s (train.stop_timeout)"
-        print(
-            f"\ngraft: {name} received: finishing this step, then saving a checkpoint (a second Ctrl-C or "
-            f"SIGTERM aborts at once without one{grace})",
-            flush=True,
-        )
+        if os.environ.get("RANK", "0") == "0":  # one line for a data-parallel run, not one per process
+            print(
+                f"\ngraft: {name} received: finishing this step, then saving a checkpoint (a second Ctrl-C "
+                f"or SIGTERM aborts at once without one{grace})",
+                flush=True,
+            )
 
     def __enter__(self) -> StopRequest:
         if threading.current_thread() is threading.main_thread():  # signals can only be caught there
