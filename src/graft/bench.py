@@ -62,6 +62,8 @@ def bench_overrides(args: argparse.Namespace, out_dir: str) -> list[str]:
         "checkpoint.every_n_steps=0",
         f"logging.output_dir={out_dir}",
         "logging.run_name=bench",
+        f"model.device={args.device}",
+        "model.dtype=float32",  # as the TRL worker loads it (the -bf16 modes change the products, not this)
         *GRAFT_VARIANTS.get(args.worker, ([], {}))[0],
         "logging.progress=lines",
         "logging.print_config=false",
@@ -148,7 +150,7 @@ def worker_trl(args: argparse.Namespace) -> dict:
         logging_steps=1,
         save_strategy="no",
         report_to="none",
-        use_cpu=True,
+        use_cpu=args.device == "cpu",
         bf16=args.worker == "trl-bf16",
         seed=0,
         dataloader_num_workers=0,
@@ -236,7 +238,15 @@ def step_gflop(args: argparse.Namespace, prompt_len: int, replayed: bool = False
 
 def run_worker(framework: str, args: argparse.Namespace) -> dict:
     cmd = [sys.executable, "-m", "graft.bench", "--worker", framework]
-    for key in ("steps", "warmup", "num_generations", "prompts_per_step", "max_new_tokens", "lora_r"):
+    for key in (
+        "steps",
+        "warmup",
+        "num_generations",
+        "prompts_per_step",
+        "max_new_tokens",
+        "lora_r",
+        "device",
+    ):
         cmd += [f"--{key.replace('_', '-')}", str(getattr(args, key))]
     env = {**os.environ, "TQDM_DISABLE": "1", **GRAFT_VARIANTS.get(framework, ([], {}))[1]}
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
@@ -280,6 +290,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--prompts-per-step", type=int, default=2)
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--lora-r", type=int, default=16)
+    parser.add_argument(
+        "--device", choices=("cpu", "cuda"), default="cpu", help="where both frameworks run (default cpu)"
+    )
     parser.add_argument("--json", help="also write the results to this file")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -304,7 +317,7 @@ def main(argv: list[str] | None = None) -> int:
     from graft.cpu.probe import probe
 
     machine = probe()
-    console.print(f"machine: {machine.summary()}; {os.cpu_count()} cores")
+    console.print(f"machine: {machine.summary()}; {os.cpu_count()} cores; device {args.device}")
     if not machine.has("bfloat16") and any(f in BF16_WORKERS for f in frameworks):
         console.print(f"[yellow]skipping {', '.join(BF16_WORKERS)}[/yellow]: {machine.missing('bfloat16')}")
         frameworks = [f for f in frameworks if f not in BF16_WORKERS]
