@@ -20,6 +20,11 @@ class Rollout:
     truncated: torch.Tensor  # (B,) bool: hit max_new_tokens without a stop token
     group_size: int
     entropy: torch.Tensor | None = None  # (B, T) entropy of the sampling distribution (0 on padding)
+    # (B, T) 1 on tokens the model sampled, the ones the loss counts; None = completion_mask. Multi-turn
+    # episodes (graft.rollout.episodes) set it: their completions hold environment tokens too, attended to
+    # (completion_mask) but never trained on
+    loss_mask: torch.Tensor | None = None
+    sampler: str = "graft"  # the engine that drew the tokens and reported `logprobs` (graft, vllm)
 
     @property
     def completion_lengths(self) -> torch.Tensor:  # (B,)
@@ -58,6 +63,7 @@ def select_groups(rollout: Rollout, groups: list[int]) -> Rollout:
     G = rollout.group_size
     rows = group_rows(groups, G)
     entropy = None if rollout.entropy is None else rollout.entropy[rows]
+    loss_mask = None if rollout.loss_mask is None else rollout.loss_mask[rows]
     return Rollout(
         prompt_ids=rollout.prompt_ids[rows],
         prompt_mask=rollout.prompt_mask[rows],
@@ -67,6 +73,8 @@ def select_groups(rollout: Rollout, groups: list[int]) -> Rollout:
         truncated=rollout.truncated[rows],
         group_size=G,
         entropy=entropy,
+        loss_mask=loss_mask,
+        sampler=rollout.sampler,
     )
 
 
@@ -83,6 +91,8 @@ def concat_rollouts(rollouts: list[Rollout], pad_id: int) -> Rollout:
         return torch.nn.functional.pad(x, (0, width - x.shape[1]), value=value)
 
     entropies = [r.entropy for r in rollouts]
+    # None stands for completion_mask: spell it out when another part has a loss mask of its own
+    loss_masks = [r.completion_mask if r.loss_mask is None else r.loss_mask for r in rollouts]
     return Rollout(
         prompt_ids=torch.cat([left(r.prompt_ids, P, pad_id) for r in rollouts]),
         prompt_mask=torch.cat([left(r.prompt_mask, P, 0) for r in rollouts]),
@@ -94,4 +104,8 @@ def concat_rollouts(rollouts: list[Rollout], pad_id: int) -> Rollout:
         entropy=None
         if any(e is None for e in entropies)
         else torch.cat([right(e, T, 0.0) for e in entropies]),
+        loss_mask=None
+        if all(r.loss_mask is None for r in rollouts)
+        else torch.cat([right(m, T, 0) for m in loss_masks]),
+        sampler=rollouts[0].sampler,
     )

@@ -37,8 +37,8 @@ OPTIONAL = {  # package: what it enables
     "trackio": "logging.report_to=[trackio] (extra: tracking)",
     "mlflow-skinny": "logging.report_to=[mlflow] (extra: tracking)",
     "math-verify": "the math_equivalence reward (task math's correctness)",
-    "vllm": "vLLM rollouts on GPUs (not wired into graft yet)",
-    "bitsandbytes": "4-bit / 8-bit QLoRA (not wired into graft yet)",
+    "vllm": "vLLM rollouts on CUDA GPUs: generation.backend=vllm (extra: vllm)",
+    "bitsandbytes": "4-bit / 8-bit QLoRA: model.quantization=4bit|8bit (extra: quant)",
 }
 
 
@@ -72,7 +72,15 @@ def fast_paths(cfg=None, label: str = "defaults") -> dict:
         return {"recipe": label, "error": str(exc)}
     model_config = _model_config(cfg)
     paths = plan_fast_paths(cfg, device, model_config)
+    from graft.rollout.backends import resolve_backend
+
+    try:
+        engine, why_not = resolve_backend(cfg, device)
+        rollout = engine if why_not is None else f"{engine} (vllm not used: {why_not})"
+    except ValueError as exc:  # generation.backend=vllm where it cannot run
+        rollout = f"refused: {exc}"
     return {
+        "rollout_backend": rollout,
         "recipe": label,
         "device": device.type,
         "summary": paths.describe(),
@@ -150,6 +158,7 @@ def print_report(console, data: dict) -> None:
         table.add_row(f"paths ({escape(paths['recipe'])})", f"[red]{escape(paths['error'])}[/red]")
     else:
         table.add_row(f"paths ({escape(paths['recipe'])})", escape(paths["summary"]))
+        table.add_row("  rollout engine", escape(paths["rollout_backend"]))
         for path, why in paths["why"].items():
             table.add_row(f"  {path}", escape(why))
         for problem in paths["problems"]:

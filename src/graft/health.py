@@ -29,6 +29,7 @@ ALARMS = (
     "entropy_collapse",
     "length_drift",
     "kl_blowup",
+    "sampler_mismatch",
     "format_hacking",
     "nonfinite",
 )
@@ -118,6 +119,18 @@ class HealthMonitor:
                     f"KL to the reference is {kl:.3f} (limit {c.kl_max})",
                     "the policy is running away from the base model, which usually ends in gibberish",
                     "lower train.learning_rate or raise grpo.beta",
+                )
+            )
+        mismatch = m.get("sampler_kl")  # only a rollout engine with its own numerics (vLLM) logs it
+        if isinstance(mismatch, int | float) and mismatch > c.sampler_kl_max:
+            found.append(
+                Alarm(
+                    "sampler_mismatch",
+                    f"the rollout engine's log-probs are {mismatch:.4f} nats (KL) from the trainer's "
+                    f"(limit {c.sampler_kl_max})",
+                    "the engine no longer samples the policy being trained: a missed weight sync, or a dtype "
+                    "or temperature that differs between the two",
+                    "check generation.dtype against model.dtype; keep grpo.tis_cap set; or generation.backend=graft",
                 )
             )
         for key in [k for k in m if k.startswith("reward/") and "format" in k and k.endswith("/mean")]:

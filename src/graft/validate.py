@@ -250,6 +250,7 @@ def _check(cfg: Config, estimate: bool = True, world: int = 1) -> Checked:
         resolve_model_path,
     )
     from graft.rewards.runtime import load_reward, reward_name
+    from graft.rollout.backends import backend_problem
     from graft.tasks import build_task
     from graft.training.run import RunDir, RunDirError
 
@@ -327,6 +328,8 @@ def _check(cfg: Config, estimate: bool = True, world: int = 1) -> Checked:
         problems.append(f"'model.device': {exc}")
     if quant_problem := quantization_problem(cfg.model.quantization, device):
         problems.append(f"'model.quantization': {quant_problem}")
+    if device is not None and (rollout_problem := backend_problem(cfg, device)):
+        problems.append(f"'generation.backend': {rollout_problem}")
 
     est, config, paths, prompt_tokens = None, None, None, None
     if estimate and model_problem is None and device is not None:

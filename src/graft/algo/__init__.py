@@ -2,6 +2,12 @@
 B completions in the batch, T completion positions, G completions per group."""
 
 from graft.algo.advantages import group_advantages
+from graft.algo.importance import (
+    MismatchMetrics,
+    mismatch_metrics,
+    sampler_log_ratio,
+    truncated_importance_weights,
+)
 from graft.algo.logprobs import linear_token_logprobs, token_logprobs
 from graft.algo.losses import (
     PolicyLossOutput,
@@ -13,6 +19,7 @@ from graft.algo.losses import (
 )
 
 __all__ = [
+    "MismatchMetrics",
     "PolicyLossOutput",
     "aggregate_loss",
     "clipped_surrogate",
@@ -20,6 +27,9 @@ __all__ = [
     "importance_log_ratio",
     "k3_kl",
     "linear_token_logprobs",
+    "mismatch_metrics",
     "policy_loss",
+    "sampler_log_ratio",
     "token_logprobs",
+    "truncated_importance_weights",
 ]

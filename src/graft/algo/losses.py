@@ -108,6 +108,7 @@ class PolicyLossOutput:
     loss: torch.Tensor  # scalar, this micro-batch's share of the optimizer step's loss
     clip_fraction: torch.Tensor  # scalar, share of completion tokens whose ratio was clipped
     kl: torch.Tensor | None  # scalar mean k3 KL over completion tokens, None when beta = 0
+    sampler_metrics: dict[str, float] | None = None  # sampler/trainer mismatch (graft.algo.importance)
 
 
 def policy_loss(
@@ -126,11 +127,14 @@ def policy_loss(
     importance_sampling_level: ImportanceLevel = "token",
     beta: float = 0.0,
     ref_logprobs: torch.Tensor | None = None,  # (B, T), required when beta > 0
+    token_weights: torch.Tensor | None = None,  # (B, T) constant weight of each token's surrogate (TIS)
 ) -> PolicyLossOutput:
     """The whole GRPO objective for one micro-batch."""
     log_ratio = importance_log_ratio(logprobs, old_logprobs, mask, importance_sampling_level)
     per_token_loss, is_clipped = clipped_surrogate(log_ratio, advantages, epsilon, epsilon_high, delta)
     per_token_loss = per_token_loss.expand_as(logprobs)
+    if token_weights is not None:  # the policy-gradient term only: the KL below is not a sampled estimate
+        per_token_loss = per_token_loss * token_weights.detach()
     is_clipped = is_clipped.expand_as(logprobs)
     kl = None
     if beta > 0:

@@ -191,6 +191,12 @@ class GrpoConfig(_Section):
     max_sampling_rounds: int = Field(
         3, ge=1, description="dynamic sampling: rollouts per step at most (the first included)"
     )
+    tis_cap: float | None = Field(
+        2.0,
+        ge=1,
+        description="truncated importance sampling against the rollout engine's numerics (vLLM): each "
+        "token's loss is weighted by min(pi_trainer / pi_sampler, tis_cap); null = no correction",
+    )
 
 
 class GenerationConfig(_Section):
@@ -215,6 +221,27 @@ class GenerationConfig(_Section):
         description="weights the rollout samples from; auto = the model's. bfloat16 on a float32 model = a "
         "bf16 copy of the merged policy (faster decoding where oneDNN has bf16 kernels, refused on CPUs "
         "without them: see graft doctor; training stays float32)",
+    )
+    backend: Literal["auto", "graft", "vllm"] = Field(
+        "auto",
+        description="rollout engine: graft's own sampler, vLLM (a CUDA GPU and pip install 'graft[vllm]'), "
+        "or auto = vLLM where both are present and the settings allow it, graft's sampler otherwise",
+    )
+    gpu_memory_utilization: float = Field(
+        0.3,
+        gt=0,
+        lt=1,
+        description="vLLM: share of the GPU's memory the colocated engine takes (weights + KV cache)",
+    )
+    vllm_sleep: bool = Field(
+        False,
+        description="vLLM: between rollouts offload the engine's weights to CPU and free its KV cache (more "
+        "memory for training, slower steps)",
+    )
+    vllm_max_model_len: int | None = Field(
+        None,
+        ge=1,
+        description="vLLM: longest prompt + completion the engine serves; null = the model's context",
     )
 
     @model_validator(mode="after")
@@ -396,6 +423,11 @@ class HealthConfig(_Section):
         "change came with learning, e.g. answers losing their padding)",
     )
     kl_max: float = Field(1.0, gt=0, description="alarm when the KL to the reference exceeds this")
+    sampler_kl_max: float = Field(
+        0.01,
+        gt=0,
+        description="alarm when a rollout engine's (vLLM's) log-probs drift this far (KL) from the trainer's",
+    )
     format_gap: float = Field(
         0.3, gt=0, description="alarm when a format reward rises by this much while accuracy stays flat"
     )

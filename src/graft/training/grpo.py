@@ -22,9 +22,10 @@ from graft.config import Config
 from graft.cpu.fast_path import FastPath
 from graft.evaluation import decode_completions, encode_prompts
 from graft.kv_cache import cache_kwargs, output_cache
-from graft.models import merged_adapter, plain_linear_head, split_lm_head
+from graft.models import plain_linear_head, split_lm_head
 from graft.rewards.runtime import RewardRuntime, reward_name
-from graft.rollout.sampler import position_ids_from_mask, sample
+from graft.rollout.backends import RolloutBackend
+from graft.rollout.sampler import position_ids_from_mask
 from graft.tasks import Problem, Task
 from graft.training.distributed import SINGLE, Ranks, reduce_metrics
 from graft.training.records import PhaseTimer, step_metrics
@@ -50,6 +51,7 @@ class StepSetup:
     device: torch.device
     fast_path: FastPath | None  # graft.cpu: sampling copy and replayed update, when the plan takes them
     ref_model: torch.nn.Module | None  # full fine-tuning with beta > 0; LoRA uses the adapter-off policy
+    backend: RolloutBackend  # graft's sampler, or a vLLM engine on a GPU (graft.rollout.backends)
     ranks: Ranks = SINGLE  # data-parallel processes (graft.training.distributed); one by default
 
 
@@ -90,6 +92,7 @@ def grpo_step(setup: StepSetup, draw_problems: Callable[[int], list[Problem]]) -
             setup.fast_path,
             ranks,
         )
+        setup.backend.sync_weights(setup.policy)  # the next rollout samples the updated policy
     metrics = {**step_metrics(batch, zero_variance), **sampling, **setup.rewards.metrics(), **update}
     metrics.update(timer.metrics())
     correct = batch.reward_components[setup.correctness_name]
@@ -207,8 +210,7 @@ def sample_groups(setup: StepSetup, problems: list[Problem], for_update: bool = 
     )
     if setup.fast_path is not None:
         return setup.fast_path.sample(setup.policy, prompts, for_update=for_update, **options)
-    with merged_adapter(setup.policy, cfg.generation.merge_adapter) as model:
-        return sample(model, prompts, **options)
+    return setup.backend.sample(setup.policy, prompts, **options)
 
 
 # --------------------------------------------------------------------------------------------- rewards
@@ -401,7 +403,13 @@ def grpo_loss(
     T, device = logprobs.shape[1], logprobs.device
     old = logprobs.detach() if batch.old_logprobs is None else batch.old_logprobs[rows, :T].to(device)
     ref = None if batch.ref_logprobs is None else batch.ref_logprobs[rows, :T].to(device)
-    return algo.policy_loss(
+    weights, mismatch = None, None
+    if batch.rollout.sampler != "graft":  # another engine's numerics drew the tokens (vLLM): correct for it
+        sampled = batch.rollout.logprobs[rows, :T].to(device)
+        cap = cfg.grpo.tis_cap
+        mismatch = algo.mismatch_metrics(old, sampled, mask, cap).as_dict()
+        weights = None if cap is None else algo.truncated_importance_weights(old, sampled, mask, cap)
+    out = algo.policy_loss(
         logprobs,
         old,
         batch.advantages[rows].to(device),
@@ -416,7 +424,10 @@ def grpo_loss(
         importance_sampling_level=cfg.grpo.importance_sampling_level,
         beta=cfg.grpo.beta,
         ref_logprobs=ref,
+        token_weights=weights,
     )
+    out.sampler_metrics = mismatch
+    return out
 
 
 def minibatch_backward(
@@ -474,7 +485,7 @@ def update_policy(
     step whose loss or gradient is not finite is skipped and counted, so one bad batch cannot poison the
     weights or Adam's moments."""
     batch_size = batch.rollout.completion_ids.shape[0]
-    losses, clip_fractions, kls, grad_norms = [], [], [], []
+    losses, clip_fractions, kls, grad_norms, mismatches = [], [], [], [], []
     skipped, replayed = 0, False
     max_norm = cfg.train.max_grad_norm if cfg.train.max_grad_norm is not None else float("inf")
     policy.train()
@@ -489,6 +500,7 @@ def update_policy(
                 ranks.sum_gradients(params)
                 step_loss = torch.tensor(ranks.sum(step_loss.item()))
             clip_fractions.extend(out.clip_fraction for out in outs)
+            mismatches.extend(out.sampler_metrics for out in outs if out.sampler_metrics)
             kls.extend(out.kl for out in outs if out.kl is not None)
             grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
             if torch.isfinite(step_loss) and torch.isfinite(grad_norm):
@@ -515,4 +527,6 @@ def update_policy(
         "nonfinite_skipped": skipped,
         "replayed": replayed,  # train.replay: backward through the rollout's forward
         "optimizer_steps": cfg.grpo.num_iterations * cfg.grpo.num_minibatches,
+        # a rollout engine with its own numerics (vLLM): how far its log-probs are from the trainer's
+        **{key: mean([m[key] for m in mismatches]) for key in (mismatches[0] if mismatches else {})},
     }

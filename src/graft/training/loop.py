@@ -22,6 +22,7 @@ from graft.health import HealthMonitor
 from graft.models import add_lora, load_model, merged_adapter, stop_token_ids
 from graft.report import write_report
 from graft.rewards.runtime import RewardError, RewardRuntime
+from graft.rollout.backends import make_backend
 from graft.tracking import ProgressDisplay, Tracker
 from graft.training.checkpoint import (
     load_trainer_state,
@@ -93,6 +94,11 @@ def setup_training(
     replay = paths.why.get("replayed update", "on")
     if cfg.train.replay and replay != "on":
         display.print(f"[dim]train.replay: not used, a second forward per update: {escape(replay[5:])}[/dim]")
+    # before the optimizer's state: a vLLM engine checks that its share of the GPU is free
+    backend = make_backend(cfg, device, policy)
+    backend.sync_weights(policy)
+    if backend.name != "graft":
+        display.print(f"rollouts: {backend.name} (weights synced after every optimizer step)")
     params = [p for p in policy.parameters() if p.requires_grad]
     optimizer, scheduler = build_optimizer(params, cfg)
     setup = StepSetup(
@@ -113,6 +119,7 @@ def setup_training(
         device=device,
         fast_path=FastPath.build(policy, paths),
         ref_model=ref_model,
+        backend=backend,
         ranks=ranks,
     )
     return setup, correctness_runtime
