@@ -27,6 +27,10 @@ class Rollout:
     sampler: str = "graft"  # the engine that drew the tokens and reported `logprobs` (graft, vllm)
 
     @property
+    def trained_mask(self) -> torch.Tensor:  # (B, T) the tokens the loss counts: the sampled ones
+        return self.completion_mask if self.loss_mask is None else self.loss_mask
+
+    @property
     def completion_lengths(self) -> torch.Tensor:  # (B,)
         return self.completion_mask.sum(dim=1)
 
@@ -51,6 +55,9 @@ class ScoredBatch:
     reward_components: dict[str, torch.Tensor] = field(default_factory=dict)  # name -> (B,) each function
     problems: list = field(default_factory=list)  # (B / G,) the problem of each group
     loss_rows: torch.Tensor | None = None  # (B,) bool: rows the loss counts (dynamic sampling); None = all
+    metrics: dict[str, float] = field(
+        default_factory=dict
+    )  # what the rollout measured (episodes: turns, failures)
 
 
 def group_rows(groups: list[int], group_size: int) -> torch.Tensor:

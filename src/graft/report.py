@@ -82,6 +82,9 @@ def summary_rows(eval_history: dict) -> list[tuple[str, str, str, str]]:
         b, a = before.get(family) or {}, after.get(family) or {}
         for k in sorted(set(b) | set(a), key=lambda k: (len(str(k)), str(k))):  # "2" before "16"
             specs.append((f"{family.split('_')[0]}@{k}", _number(b.get(k)), _number(a.get(k)), 3))
+    b, a = before.get("episode") or {}, after.get("episode") or {}
+    for key in sorted(set(b) | set(a)):  # multi-turn tasks: the environment's own measures
+        specs.append((key.replace("_", " "), _number(b.get(key)), _number(a.get(key)), 3))
     for label, key, decimals in _TAIL_ROWS:
         specs.append((label, _number(before.get(key)), _number(after.get(key)), decimals))
     return [

@@ -241,6 +241,7 @@ def data_parallel_problems(cfg: Config, world: int) -> list[str]:
 
 def _check(cfg: Config, estimate: bool = True, world: int = 1) -> Checked:
     from graft.checks.calls import gate_problem, reward_signature_problem
+    from graft.envs.loading import load_environment
     from graft.models import (
         ModelError,
         adapter_location_problem,
@@ -251,7 +252,7 @@ def _check(cfg: Config, estimate: bool = True, world: int = 1) -> Checked:
     )
     from graft.rewards.runtime import load_reward, reward_name
     from graft.rollout.backends import backend_problem
-    from graft.tasks import build_task
+    from graft.tasks import build_task, environment_spec
     from graft.training.run import RunDir, RunDirError
 
     problems: list[str] = data_parallel_problems(cfg, world)
@@ -261,6 +262,11 @@ def _check(cfg: Config, estimate: bool = True, world: int = 1) -> Checked:
         task = build_task(cfg.task)
     except ConfigError as exc:
         problems.append(str(exc))
+    if spec := environment_spec(cfg.task):  # a user's environment file: found, importable, an Environment
+        try:
+            load_environment(spec)
+        except ConfigError as exc:
+            problems.append(f"'task.environment': {exc}")
     specs = cfg.rewards.functions or (list(task.default_rewards) if task else [])
     columns = ["answer", *task.train[0].columns, "completion_ids", "max_completion_length"] if task else []
     for spec in specs:

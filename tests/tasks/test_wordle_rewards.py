@@ -86,7 +86,8 @@ def test_feedback_use_yellows_by_hand():
 
 def test_feedback_neutral_without_a_later_turn():
     assert one(wordle_feedback, tags("crane")) == 1.0  # won at once: nothing to go against
-    assert one(wordle_feedback, "<guess>fuzzy</guess>") == 1.0  # single turn, no history
+    # one unsolved turn used no feedback: no credit, or ending an episode early would pay
+    assert one(wordle_feedback, "<guess>fuzzy</guess>") == 0.0
 
 
 def test_solver_games_use_feedback_fully():

@@ -69,8 +69,13 @@ class LoraConfig(_Section):
 
 
 class TaskConfig(_Section):
-    name: Literal["arithmetic", "countdown", "jsonl", "gsm8k", "math", "hub"] = Field(
-        "arithmetic", description="which task supplies prompts and answers"
+    name: Literal["arithmetic", "countdown", "jsonl", "gsm8k", "math", "hub", "wordle"] = Field(
+        "arithmetic", description="which task supplies prompts and answers (wordle: multi-turn games)"
+    )
+    environment: str | None = Field(
+        None,
+        description="multi-turn episodes: 'wordle', 'guess_number' or your own 'file.py:Class' (an "
+        "Environment); each task row starts one episode (default: the task's own, wordle's for wordle)",
     )
     seed: int = Field(
         1234, description="seed for generating or shuffling problems (independent of train.seed)"
@@ -118,6 +123,23 @@ class TaskConfig(_Section):
         if not self.operations:
             raise ValueError("operations is empty; list at least one of '+', '-', '*'")
         return self
+
+
+class EpisodeConfig(_Section):
+    max_turns: int = Field(6, ge=1, description="model turns per episode at most")
+    max_episode_tokens: int | None = Field(
+        None,
+        ge=1,
+        description="tokens after the prompt per episode (model + environment) at most; null = no cap",
+    )
+    env_timeout: float | None = Field(
+        30.0,
+        gt=0,
+        description="seconds an environment call may take before its episode fails; null = no limit",
+    )
+    drop_truncated: bool = Field(
+        False, description="leave episodes cut by a limit out of the loss (they still count in the metrics)"
+    )
 
 
 class RewardsConfig(_Section):
@@ -437,6 +459,7 @@ class Config(_Section):
     model: ModelConfig = Field(default_factory=ModelConfig, description="policy model")
     lora: LoraConfig = Field(default_factory=LoraConfig, description="LoRA adapter (or full fine-tuning)")
     task: TaskConfig = Field(default_factory=TaskConfig, description="prompts with checkable answers")
+    episode: EpisodeConfig = Field(default_factory=EpisodeConfig, description="multi-turn episode limits")
     rewards: RewardsConfig = Field(default_factory=RewardsConfig, description="reward functions")
     grpo: GrpoConfig = Field(default_factory=GrpoConfig, description="GRPO algorithm")
     generation: GenerationConfig = Field(default_factory=GenerationConfig, description="rollout sampling")

@@ -14,6 +14,7 @@ import torch
 
 from graft.config import Config
 from graft.cpu.probe import CpuCapabilities, probe
+from graft.tasks import environment_spec
 
 HALF = {"bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -126,8 +127,14 @@ def plan_fast_paths(
                     f"use {key}={'none' if key == 'train.autocast' else 'float32'} (float32 is faster here)"
                 )
     quantized = cfg.model.quantization != "none"
-    if quantized:  # bitsandbytes' own layers compute from their packed weights; no copy, no replay
-        off = f"off: model.quantization={cfg.model.quantization} (bitsandbytes weights)"
+    episodes = environment_spec(cfg.task) is not None
+    if quantized or episodes:  # bitsandbytes' layers compute from their packed weights; episodes need the
+        # model's own cache across turns (graft.rollout.episodes): no sampling copy, no replay
+        off = (
+            f"off: model.quantization={cfg.model.quantization} (bitsandbytes weights)"
+            if quantized
+            else "off: multi-turn episodes sample through the model (graft.rollout.episodes)"
+        )
         why = {"packed weights": off, "graft decoder": off, "replayed update": off}
         return FastPaths(device.type, policy_dtype, policy_dtype, False, False, False, False, why, problems)
     sampling_copy = (gen.pack_weights and cpu) or sampling_dtype != policy_dtype

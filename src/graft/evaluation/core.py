@@ -27,6 +27,7 @@ class EvalResult:
     pass_at_k: dict[str, float] = field(default_factory=dict)  # {"1": ..., "4": ...}
     maj_at_k: dict[str, float] = field(default_factory=dict)
     samples: list[dict] = field(default_factory=list)  # the first greedy completions, with their scores
+    episode: dict[str, float] = field(default_factory=dict)  # multi-turn: what the environment measures
 
     def to_dict(self) -> dict:
         return asdict(self)

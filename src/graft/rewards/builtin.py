@@ -156,6 +156,21 @@ def _countdown(prompts, completions, numbers, target, **columns) -> list[float]:
 
 
 BUILTIN_REWARDS["countdown"] = _countdown
+
+
+def _wordle(name: str) -> RewardFn:
+    def reward(prompts, completions, secret, **columns) -> list[float]:
+        from graft.tasks.wordle.rewards import WORDLE_REWARDS
+
+        return WORDLE_REWARDS[name](prompts, completions, secret, **columns)
+
+    reward.__name__ = name
+    return reward
+
+
+# multi-turn: a completion is the episode (its messages); the game is replayed from the secret
+for _name in ("wordle_solved", "wordle_format", "wordle_feedback", "wordle_guess_value", "wordle_win"):
+    BUILTIN_REWARDS[_name] = _wordle(_name)
 # Built-ins that are plain regex and arithmetic, fast and unable to hang: they run in the trainer process.
 # math_equivalence parses LaTeX with sympy, which can hang on odd input: it runs in a worker, with a timeout.
 WORKER_REWARDS = frozenset({"math_equivalence"})

@@ -190,7 +190,10 @@ class RewardRuntime:
         (0.0 instead with on_error='zero')}; `only` scores a single one of the specs."""
         specs = [only] if only else self.specs
         results: dict[str, list[float]] = {}
-        as_messages = [[{"role": "assistant", "content": c}] for c in completions]
+        # a multi-turn episode arrives as its messages already (graft.envs.episode.Episode.completion_messages)
+        as_messages = [
+            c if isinstance(c, list) else [{"role": "assistant", "content": c}] for c in completions
+        ]
         user_completions = as_messages if self.completion_format == "messages" else completions
         queue = []
         for spec in specs:

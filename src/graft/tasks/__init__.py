@@ -15,6 +15,10 @@ def build_task(cfg: TaskConfig) -> Task:
         from graft.tasks.countdown import countdown_task
 
         return countdown_task(cfg)
+    if cfg.name == "wordle":
+        from graft.tasks.wordle.task import wordle_task
+
+        return wordle_task(cfg)
     from graft.tasks.datasets import dataset_task
 
     return dataset_task(cfg)
@@ -28,6 +32,10 @@ def system_prompt(cfg: TaskConfig) -> str | None:
         from graft.tasks.arithmetic import SYSTEM
     elif cfg.name == "countdown":
         from graft.tasks.countdown import SYSTEM
+    elif cfg.name == "wordle":
+        from graft.envs.wordle import WordleEnv
+
+        SYSTEM = WordleEnv.system_prompt
     else:
         from graft.tasks.datasets import DEFAULTS
 
@@ -35,4 +43,10 @@ def system_prompt(cfg: TaskConfig) -> str | None:
     return compose_system_prompt(cfg, SYSTEM)
 
 
-__all__ = ["Problem", "Task", "build_task", "system_prompt"]
+__all__ = ["Problem", "Task", "build_task", "environment_spec", "system_prompt"]
+
+
+def environment_spec(cfg: TaskConfig) -> str | None:
+    """The multi-turn environment a task's rows start (task.environment, else the task's own), or None for
+    single-turn tasks."""
+    return cfg.environment or ("wordle" if cfg.name == "wordle" else None)

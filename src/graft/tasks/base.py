@@ -30,6 +30,8 @@ class Task:
     strict_reward: str | None = None  # a stricter correctness reward (GSM8K's '#### n'), for eval
     # (worked steps, final answer, the whole reply in the plain format): SFT demonstrations from the task
     solve: Callable[[Problem], tuple[str, str, str]] | None = None
+    # multi-turn tasks: whole solved episodes as (conversation so far, the next reply) SFT examples
+    episode_demonstrations: Callable[[], list[tuple[list[dict[str, str]], str]]] | None = None
 
     def demonstration(self, problem: Problem) -> str:
         """A completion in the wanted format that solves `problem`: SFT warm-up data from the task itself."""

@@ -12,7 +12,9 @@ import torch
 from graft.checks.calls import gate_problem
 from graft.rewards.runtime import RewardRuntime, reward_name
 from graft.tasks import Task
-from graft.training.grpo import StepSetup, reward_inputs, sample_groups
+from graft.training.grpo import sample_groups
+from graft.training.scoring import reward_inputs
+from graft.training.setup import StepSetup
 
 
 class GateError(RuntimeError):

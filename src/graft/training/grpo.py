@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import functools
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import torch
 
@@ -20,39 +19,16 @@ from graft import algo
 from graft.batch import Rollout, ScoredBatch, concat_rollouts, group_rows, select_groups
 from graft.config import Config
 from graft.cpu.fast_path import FastPath
-from graft.evaluation import decode_completions, encode_prompts
+from graft.evaluation import encode_prompts
 from graft.kv_cache import cache_kwargs, output_cache
 from graft.models import plain_linear_head, split_lm_head
-from graft.rewards.runtime import RewardRuntime, reward_name
-from graft.rollout.backends import RolloutBackend
 from graft.rollout.sampler import position_ids_from_mask
-from graft.tasks import Problem, Task
+from graft.tasks import Problem
 from graft.training.distributed import SINGLE, Ranks, reduce_metrics
+from graft.training.episodes import play_and_score
 from graft.training.records import PhaseTimer, step_metrics
-
-
-@dataclass
-class StepSetup:
-    """Everything a GRPO step uses that is built once per run (graft.training.loop.setup_training)."""
-
-    cfg: Config
-    task: Task
-    policy: torch.nn.Module  # LoRA-wrapped when lora.enabled
-    tokenizer: object
-    stop_ids: list[int]
-    rewards: RewardRuntime  # the run's reward functions
-    reward_weights: list[float]  # one per reward function
-    correctness_name: str  # the task's correctness reward, logged as accuracy even when not trained on
-    correctness: object  # its scorer, (prompts, completions, **columns) -> list[float]
-    optimizer: torch.optim.Optimizer
-    scheduler: object
-    params: list[torch.nn.Parameter]  # the trained parameters
-    generator: torch.Generator  # the rollouts' random sequence (checkpointed)
-    device: torch.device
-    fast_path: FastPath | None  # graft.cpu: sampling copy and replayed update, when the plan takes them
-    ref_model: torch.nn.Module | None  # full fine-tuning with beta > 0; LoRA uses the adapter-off policy
-    backend: RolloutBackend  # graft's sampler, or a vLLM engine on a GPU (graft.rollout.backends)
-    ranks: Ranks = SINGLE  # data-parallel processes (graft.training.distributed); one by default
+from graft.training.scoring import score_rollout
+from graft.training.setup import StepSetup
 
 
 def grpo_step(setup: StepSetup, draw_problems: Callable[[int], list[Problem]]) -> tuple[ScoredBatch, dict]:
@@ -93,7 +69,13 @@ def grpo_step(setup: StepSetup, draw_problems: Callable[[int], list[Problem]]) -
             ranks,
         )
         setup.backend.sync_weights(setup.policy)  # the next rollout samples the updated policy
-    metrics = {**step_metrics(batch, zero_variance), **sampling, **setup.rewards.metrics(), **update}
+    metrics = {
+        **step_metrics(batch, zero_variance),
+        **sampling,
+        **batch.metrics,
+        **setup.rewards.metrics(),
+        **update,
+    }
     metrics.update(timer.metrics())
     correct = batch.reward_components[setup.correctness_name]
     metrics.setdefault("accuracy", (correct >= 1.0).float().mean().item())
@@ -102,7 +84,10 @@ def grpo_step(setup: StepSetup, draw_problems: Callable[[int], list[Problem]]) -
 
 
 def sample_and_score(setup: StepSetup, problems: list[Problem], timer: PhaseTimer) -> ScoredBatch:
-    """Steps 1 and 2 for `problems`: the rollout and its rewards (advantages follow in grpo_step)."""
+    """Steps 1 and 2 for `problems`: the rollout and its rewards (advantages follow in grpo_step); whole
+    episodes against the task's environment for a multi-turn task (graft.training.episodes)."""
+    if setup.environment is not None:
+        return play_and_score(setup, problems, timer)
     with timer.phase("rollout"):
         rollout = sample_groups(setup, problems)
     with timer.phase("reward"):
@@ -147,7 +132,8 @@ def keep_groups_with_signal(
     if len(rounds) == 1:
         keep_groups = torch.zeros(len(first.problems), dtype=torch.bool)
         keep_groups[[g for _, g in kept]] = True
-        first.loss_rows = keep_groups.repeat_interleave(G)
+        keep = keep_groups.repeat_interleave(G)
+        first.loss_rows = keep if first.loss_rows is None else keep & first.loss_rows
         return first, counts
     with timer.phase("rollout"):
         parts = [_select(rounds[i], [g for j, g in kept if j == i]) for i in range(len(rounds))]
@@ -165,6 +151,16 @@ def keep_groups_with_signal(
         [c for p in parts for c in p.completions],
         components,
         [problem for p in parts for problem in p.problems],
+        # rows a part left out itself (broken episodes) stay out
+        loss_rows=None
+        if all(p.loss_rows is None for p in parts)
+        else torch.cat(
+            [
+                torch.ones(len(p.rewards), dtype=torch.bool) if p.loss_rows is None else p.loss_rows
+                for p in parts
+            ]
+        ),
+        metrics=first.metrics,
     )
     return batch, counts
 
@@ -186,6 +182,7 @@ def _select(batch: ScoredBatch, groups: list[int]) -> ScoredBatch:
         [batch.completions[int(i)] for i in rows],
         {name: values[rows] for name, values in batch.reward_components.items()},
         [batch.problems[g] for g in groups],
+        loss_rows=None if batch.loss_rows is None else batch.loss_rows[rows],
     )
 
 
@@ -211,50 +208,6 @@ def sample_groups(setup: StepSetup, problems: list[Problem], for_update: bool = 
     if setup.fast_path is not None:
         return setup.fast_path.sample(setup.policy, prompts, for_update=for_update, **options)
     return setup.backend.sample(setup.policy, prompts, **options)
-
-
-# --------------------------------------------------------------------------------------------- rewards
-
-
-def reward_inputs(tokenizer, task: Task, problems: list[Problem], rollout: Rollout, cfg: Config):
-    """(completion texts, prompts as chat messages, columns) for the reward functions, one per completion:
-    the dataset columns plus the completion token ids and the length limit (TRL passes both; length
-    rewards use them)."""
-    token_lists = rollout.completion_token_lists()
-    texts = decode_completions(tokenizer, token_lists)
-    prompts, columns = task.reward_inputs([p for p in problems for _ in range(rollout.group_size)])
-    columns["completion_ids"] = token_lists
-    columns["max_completion_length"] = [cfg.generation.max_new_tokens] * len(texts)
-    return texts, prompts, columns
-
-
-def score_completions(
-    runtime: RewardRuntime,
-    weights: list[float],
-    prompts: list,
-    completions: list[str],
-    columns: dict[str, list],
-) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """(total (B,), per-function (B,) each), NaN where no reward applies. Rewards see the chat messages,
-    the completion and every dataset column (`answer` and the rest), one entry per completion. The total
-    is the weighted sum over the functions that gave a value, NaN only when none did."""
-    scores = runtime.score(prompts, completions, columns)
-    per_fn = {reward_name(spec): torch.tensor(values, dtype=torch.float32) for spec, values in scores.items()}
-    weighted = torch.stack([w * v for w, v in zip(weights, per_fn.values(), strict=True)])  # (F, B)
-    total = torch.where(torch.isnan(weighted).all(0), torch.nan, torch.nansum(weighted, 0))
-    return total, per_fn
-
-
-def score_rollout(
-    setup: StepSetup, problems: list[Problem], rollout: Rollout
-) -> tuple[list[str], torch.Tensor, dict[str, torch.Tensor]]:
-    """(completion texts, total (B,), per-function (B,) each); the correctness reward is always among the
-    functions, so accuracy is logged even when the run trains on other rewards."""
-    texts, prompts, columns = reward_inputs(setup.tokenizer, setup.task, problems, rollout, setup.cfg)
-    total, per_fn = score_completions(setup.rewards, setup.reward_weights, prompts, texts, columns)
-    if setup.correctness_name not in per_fn:
-        per_fn[setup.correctness_name] = torch.tensor(setup.correctness(prompts, texts, **columns))
-    return texts, total, per_fn
 
 
 # --------------------------------------------------------------------------------------------- log-probs
@@ -355,7 +308,8 @@ def micro_batch_logprobs(
         logprobs = completion_logprobs(
             model, prompt_ids, prompt_mask, completion_ids, completion_mask, cfg.generation.temperature
         )
-    return logprobs, completion_mask
+    # the loss counts the sampled tokens only (an episode's environment turns are attended to, not trained)
+    return logprobs, rollout.trained_mask[rows, : completion_mask.shape[1]].to(completion_mask)
 
 
 @torch.no_grad()
@@ -455,7 +409,7 @@ def minibatch_backward(
         return grpo_loss(logprobs, batch, rows, mask, num_sequences, num_tokens, cfg)
 
     num_sequences = max(int(ranks.sum(int(counted[minibatch].sum()))), 1)
-    num_tokens = int(ranks.sum(int(rollout.completion_mask[minibatch][counted[minibatch]].sum())))
+    num_tokens = int(ranks.sum(int(rollout.trained_mask[minibatch][counted[minibatch]].sum())))
     if fast_path is not None and len(minibatch) == len(rollout.completion_ids):
         replay_loss = functools.partial(loss, rows=minibatch, mask=rollout.completion_mask.to(device))
         out = fast_path.replay_backward(policy, rollout, cfg.generation.temperature, replay_loss)

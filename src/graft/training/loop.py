@@ -17,12 +17,14 @@ from graft.batch import ScoredBatch
 from graft.config import Config
 from graft.cpu.fast_path import FastPath
 from graft.cpu.plan import plan_fast_paths
+from graft.envs.loading import load_environment
 from graft.evaluation import evaluate
 from graft.health import HealthMonitor
 from graft.models import add_lora, load_model, merged_adapter, stop_token_ids
 from graft.report import write_report
 from graft.rewards.runtime import RewardError, RewardRuntime
 from graft.rollout.backends import make_backend
+from graft.tasks import environment_spec
 from graft.tracking import ProgressDisplay, Tracker
 from graft.training.checkpoint import (
     load_trainer_state,
@@ -33,10 +35,12 @@ from graft.training.checkpoint import (
     save_model,
 )
 from graft.training.distributed import SINGLE, Ranks, init_ranks, rank_device
+from graft.training.episodes import evaluate_episodes
 from graft.training.gate import GateError, run_gate
-from graft.training.grpo import StepSetup, grpo_step
+from graft.training.grpo import grpo_step
 from graft.training.records import completion_rows
 from graft.training.run import PromptOrder, RunDir, StopRequest, build_optimizer, setup_process
+from graft.training.setup import StepSetup
 from graft.training.sft import warm_start
 from graft.validate import Checked, validate_or_raise
 
@@ -120,6 +124,7 @@ def setup_training(
         fast_path=FastPath.build(policy, paths),
         ref_model=ref_model,
         backend=backend,
+        environment=load_environment(spec) if (spec := environment_spec(cfg.task)) else None,
         ranks=ranks,
     )
     return setup, correctness_runtime
@@ -168,6 +173,11 @@ class Bookkeeping:
         evaluation, setup = self.cfg.eval, self.setup
         # its own generator: pass@k sampling must not move the training sampler's random sequence
         generator = torch.Generator(device=setup.device).manual_seed(self.cfg.train.seed + step)
+        if setup.environment is not None:  # multi-turn: greedy episodes against the task's environment
+            result = evaluate_episodes(setup, evaluation.num_prompts, evaluation.batch_size)
+            self.eval_history[tag] = {"step": step, **result.to_dict()}
+            self.run.write_json("eval.json", self.eval_history)
+            return result.accuracy
         with merged_adapter(setup.policy, self.cfg.generation.merge_adapter):
             result = evaluate(
                 setup.policy,
@@ -323,7 +333,9 @@ def train(cfg: Config, console=None, stop_after: int | None = None) -> Path:
     if ranks.main:
         remove_torn_saves(run.path / "checkpoints")
     try:
-        if cfg.gate.enabled and state is None:
+        if cfg.gate.enabled and state is None and setup.environment is not None:
+            display.print("[dim]gate: not run for multi-turn tasks (it probes single completions)[/dim]")
+        elif cfg.gate.enabled and state is None:
             gate_failure = None
             if ranks.main:  # one probe decides for every rank
                 try:

@@ -59,6 +59,8 @@ def read_sft_jsonl(path: Path, task: Task) -> list[Example]:
 
 
 def sft_examples(cfg: Config, task: Task) -> list[Example]:
+    if cfg.sft.data == "task" and task.episode_demonstrations is not None:  # every turn of solved episodes
+        return task.episode_demonstrations()
     if cfg.sft.data == "task":
         return [(task.messages(p), task.demonstration(p)) for p in task.train]
     return read_sft_jsonl(Path(cfg.sft.data).expanduser(), task)

@@ -129,8 +129,9 @@ def feedback_use(guess: str, history: Sequence[tuple[str, Feedback]], earlier: C
 
 def wordle_feedback(prompts, completions, secret, history=None, **_columns) -> list[float]:
     """Mean over the model's turns after the game's first of feedback_use (an unplayable guess: 0). The
-    first turn has no feedback to use and is left out; an episode with no later turn (won at once) gets 1.0,
-    as there was nothing to go against."""
+    first turn has no feedback to use and is left out. An episode with no later turn gets 1.0 when it won at
+    once (nothing to go against) and 0.0 otherwise: credit there would pay an episode for ending early
+    (a reply cut off or unplayable on the first turn)."""
     out = []
     for game, first in _episodes(completions, secret, history):
         scores = []
@@ -140,7 +141,8 @@ def wordle_feedback(prompts, completions, secret, history=None, **_columns) -> l
             known = [(t.guess, t.feedback) for t in earlier if t.feedback is not None]
             guesses = {t.guess for t in earlier if t.feedback is not None}
             scores.append(0.0 if turn.feedback is None else feedback_use(turn.guess, known, guesses))
-        out.append(_mean(scores, 1.0))
+        won = game.solved and len(game.turns) > first
+        out.append(_mean(scores, 1.0 if won else 0.0))
     return out
 
 
@@ -184,7 +186,16 @@ def wordle_win(prompts, completions, secret, history=None, **_columns) -> list[f
     return out
 
 
+def wordle_solved(prompts, completions, secret, history=None, **_columns) -> list[float]:
+    """1.0 when one of the model's guesses solves the game, else 0.0: the task's correctness (win rate)."""
+    return [
+        float(game.solved and len(game.turns) > first)
+        for game, first in _episodes(completions, secret, history)
+    ]
+
+
 WORDLE_REWARDS = {
+    "wordle_solved": wordle_solved,
     "wordle_format": wordle_format,
     "wordle_feedback": wordle_feedback,
     "wordle_guess_value": wordle_guess_value,
