@@ -55,17 +55,33 @@ def test_missing_file_and_task_without_solutions_are_clear(tmp_path, task):
 
 def test_loss_covers_the_completion_and_stop_token_only(tiny_tokenizer, task):
     example = (task.messages(task.train[0]), "12")
-    ids, n_prompt = encode_example(tiny_tokenizer, example, stop_id=2, max_length=512)
+    ids, spans = encode_example(tiny_tokenizer, example, stop_id=2, max_length=512)
+    ((n_prompt, end),) = spans
+    assert end == len(ids)
     prompt = tiny_tokenizer.apply_chat_template(example[0], add_generation_prompt=True, tokenize=True)
     prompt = list(prompt if isinstance(prompt, list) else prompt["input_ids"])
     assert ids[:n_prompt] == prompt  # exactly what the sampler is given
     assert tiny_tokenizer.decode(ids[n_prompt:-1]) == "12" and ids[-1] == 2
     short = encode_example(tiny_tokenizer, (example[0], "7"), stop_id=2, max_length=512)
-    batch = collate([(ids, n_prompt), short], pad_id=0)
+    batch = collate([(ids, spans), short], pad_id=0)
     labels, mask = batch["labels"], batch["attention_mask"]
     assert labels.shape == batch["input_ids"].shape == mask.shape
     assert (labels[0, :n_prompt] == -100).all() and labels[0, n_prompt:].tolist() == ids[n_prompt:]
     assert mask[1].sum() == len(short[0]) and (labels[1, len(short[0]) :] == -100).all()  # right padding
+
+
+def test_every_assistant_turn_of_a_multi_turn_example_is_trained_on(tiny_tokenizer):
+    # a two-turn conversation: the earlier reply "12" sits inside the prompt, the final reply "7" follows
+    messages = [
+        {"role": "user", "content": "a"},
+        {"role": "assistant", "content": "12"},
+        {"role": "user", "content": "b"},
+    ]
+    ids, spans = encode_example(tiny_tokenizer, (messages, "7"), stop_id=2, max_length=512)
+    assert [tiny_tokenizer.decode(ids[a : b - 1]) for a, b in spans] == ["12", "7"]
+    assert all(ids[b - 1] == 2 for _, b in spans)  # each reply ends with the stop token the sampler stops on
+    labels = collate([(ids, spans)], pad_id=0)["labels"][0]
+    assert (labels != -100).sum() == sum(b - a for a, b in spans)  # the users' turns carry no loss
 
 
 def sft_config(model_dir, out_dir, *overrides):

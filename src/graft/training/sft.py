@@ -66,25 +66,43 @@ def sft_examples(cfg: Config, task: Task) -> list[Example]:
     return read_sft_jsonl(Path(cfg.sft.data).expanduser(), task)
 
 
-def encode_example(tokenizer, example: Example, stop_id: int, max_length: int) -> tuple[list[int], int]:
-    """(token ids, prompt length): the prompt exactly as the sampler sees it, then the completion and the
-    stop token, so SFT teaches the same token sequence GRPO later samples and scores."""
+def encode_example(
+    tokenizer, example: Example, stop_id: int, max_length: int
+) -> tuple[list[int], list[tuple[int, int]]]:
+    """(token ids, the [start, end) spans trained on): the prompt exactly as the sampler sees it, then the
+    completion and the stop token, so SFT teaches the same token sequence GRPO later samples and scores.
+    A multi-turn prompt's earlier assistant replies are trained on too (each where the chat template puts
+    it: the conversation up to it, rendered, is a prefix of the whole), so one example teaches every turn
+    of an episode instead of one example per turn re-reading the conversation."""
     messages, completion = example
     prompt = encode_messages(tokenizer, messages)
     ids = prompt + tokenizer.encode(completion, add_special_tokens=False) + [stop_id]
-    return ids[:max_length], len(prompt)
+    spans = []
+    for i, message in enumerate(messages):
+        if message.get("role") != "assistant" or i == 0:
+            continue
+        start = len(encode_messages(tokenizer, messages[:i]))
+        reply = tokenizer.encode(str(message.get("content", "")), add_special_tokens=False) + [stop_id]
+        if (
+            ids[start : start + len(reply)] == reply
+        ):  # else a template that rewrites history: final reply only
+            spans.append((start, start + len(reply)))
+    spans.append((len(prompt), len(ids)))
+    ids = ids[:max_length]
+    return ids, [(a, min(b, len(ids))) for a, b in spans if a < len(ids)]
 
 
-def collate(encoded: list[tuple[list[int], int]], pad_id: int) -> dict[str, torch.Tensor]:
-    """Right-padded (B, L) input ids, attention mask and labels (-100 on prompt and padding)."""
+def collate(encoded: list[tuple[list[int], list[tuple[int, int]]]], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-padded (B, L) input ids, attention mask and labels (-100 outside the trained spans)."""
     width = max(len(ids) for ids, _ in encoded)
     input_ids = torch.full((len(encoded), width), pad_id, dtype=torch.long)
     labels = torch.full((len(encoded), width), -100, dtype=torch.long)
     mask = torch.zeros((len(encoded), width), dtype=torch.long)
-    for row, (ids, n_prompt) in enumerate(encoded):
+    for row, (ids, spans) in enumerate(encoded):
         input_ids[row, : len(ids)] = torch.tensor(ids)
         mask[row, : len(ids)] = 1
-        labels[row, n_prompt : len(ids)] = torch.tensor(ids[n_prompt:])
+        for start, end in spans:
+            labels[row, start:end] = torch.tensor(ids[start:end])
     return {"input_ids": input_ids, "attention_mask": mask, "labels": labels}
 
 
@@ -98,7 +116,7 @@ def run_sft(cfg: Config, task: Task, out_dir: Path, console=None) -> Path:
     device = next(model.parameters()).device
     stop_id = stop_token_ids(model, tokenizer)[0]
     encoded = [encode_example(tokenizer, e, stop_id, s.max_length) for e in examples]
-    if all(len(ids) <= n_prompt for ids, n_prompt in encoded):
+    if all(not spans for _, spans in encoded):
         raise ConfigError(f"sft.max_length={s.max_length} cuts every example inside its prompt; raise it")
     if cfg.lora.enabled:
         model = add_lora(model, cfg.lora, cfg.train.seed)

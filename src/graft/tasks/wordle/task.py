@@ -35,8 +35,8 @@ def wordle_task(cfg: TaskConfig) -> Task:
 
 def solver_turns(secrets: list[str], seed: int) -> list[tuple[list[dict[str, str]], str]]:
     """SFT warm-up data: the solver's games (every guess fits all earlier feedback), played through the
-    environment so the messages are exactly those of a GRPO episode; one example per turn, the
-    conversation so far and the guess that follows."""
+    environment so the messages are exactly those of a GRPO episode; one example per game (the
+    conversation up to the last guess, and that guess: graft.training.sft trains on every guess in it)."""
     from graft.envs.wordle import WordleEnv
     from graft.tasks.wordle.solver import solve
 
@@ -47,11 +47,12 @@ def solver_turns(secrets: list[str], seed: int) -> list[tuple[list[dict[str, str
         messages = [{"role": "user", "content": env.reset({"secret": secret})}]
         for guess in solve(secret, rng=rng):
             reply = f"<guess>{guess}</guess>"
-            examples.append((list(messages), reply))
             result = env.step(reply)
             if result.done:
+                examples.append((messages, reply))
                 break
-            messages += [
+            messages = [
+                *messages,
                 {"role": "assistant", "content": reply},
                 {"role": "user", "content": result.observation},
             ]
