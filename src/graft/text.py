@@ -12,8 +12,13 @@ _ANSWER_BLOCK = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
 
 
 def completion_text(completion) -> str:
-    """Plain text of a completion given as a string or as chat messages (TRL's conversational form)."""
-    return completion if isinstance(completion, str) else completion[-1]["content"]
+    """Plain text of a completion given as a string or as chat messages (TRL's conversational form): the
+    last assistant message (a multi-turn episode ends with the environment's turn, or may have no reply
+    at all when its environment broke at once: then "")."""
+    if isinstance(completion, str):
+        return completion
+    replies = [m["content"] for m in completion if m.get("role", "assistant") == "assistant"]
+    return replies[-1] if replies else ""
 
 
 def extract_last_integer(text: str) -> int | None:

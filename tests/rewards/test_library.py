@@ -93,8 +93,30 @@ def test_every_builtin_is_tested_here():
         "repetition_penalty",
         "last_integer",
         "countdown",
-    }  # fmt: skip  (countdown: tests/tasks/test_countdown.py)
+        *WORDLE,
+    }  # fmt: skip  (countdown: tests/tasks/test_countdown.py; wordle's rules: tests/tasks/test_wordle_rewards.py)
     assert set(b.BUILTIN_REWARDS) == tested
+
+
+WORDLE = ("wordle_solved", "wordle_format", "wordle_feedback", "wordle_guess_value", "wordle_win")
+
+
+def test_wordle_builtins_score_an_episode_given_as_messages():
+    # secret "crane": slate (a and e in place, s l t absent), then crane (solved on guess 2).
+    # solved 1; format: both real words in the tag -> 1; feedback: crane fits slate's feedback -> 1;
+    # win: (7 - 2) / 6; the environment's turn between them is not the model's and is not scored
+    episode = [
+        {"role": "assistant", "content": "<guess>slate</guess>"},
+        {"role": "user", "content": "S ❌ L ❌ A ✔ T ❌ E ✔"},
+        {"role": "assistant", "content": "<guess>crane</guess>"},
+    ]
+    got = {name: b.BUILTIN_REWARDS[name](None, [episode], secret=["crane"])[0] for name in WORDLE}
+    assert got["wordle_solved"] == 1.0 and got["wordle_format"] == 1.0 and got["wordle_feedback"] == 1.0
+    assert got["wordle_win"] == pytest.approx(5 / 6)
+    assert 0.0 < got["wordle_guess_value"] <= 1.0
+    # an episode whose environment broke at once has no reply: nothing solved, nothing well-formed
+    empty = {name: b.BUILTIN_REWARDS[name](None, [[]], secret=["crane"])[0] for name in WORDLE}
+    assert empty == {name: 0.0 for name in WORDLE}
 
 
 def test_math_equivalence_runs_in_a_worker_with_the_others_in_process():

@@ -87,8 +87,7 @@ def play_and_score(setup: StepSetup, problems: list[Problem], timer: PhaseTimer)
         problems,
         loss_rows=~left_out if bool(left_out.any()) else None,
     )
-    batch.metrics = {f"episode/{k}": v for k, v in played.metrics().items()}
-    batch.metrics["episode/left_out"] = float(left_out.float().mean())
+    batch.metrics = {**played.metrics(), "episodes/left_out": float(left_out.float().mean())}
     return batch
 
 
