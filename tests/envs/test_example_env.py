@@ -52,6 +52,13 @@ def test_the_readme_block_is_the_shipped_example():
     assert readme_block() == Path(graft.envs.examples.__file__).read_text(encoding="utf-8")
 
 
+def test_the_readme_shows_this_block():
+    from pathlib import Path
+
+    readme = (Path(__file__).parents[2] / "README.md").read_text(encoding="utf-8")
+    assert "```python\n" + readme_block() + "```" in readme
+
+
 def test_a_higher_lower_game_through_the_api():
     env = GuessNumber()
     assert "1 to 100" in env.reset({"secret": 42})
