@@ -154,8 +154,10 @@ def build_parser() -> argparse.ArgumentParser:
     config.add_argument("--keys", action="store_true", help="list every config key, its default and help")
     config.set_defaults(func=cmd_config)
     from graft.commands import register
+    from graft.play import register as register_play
 
     register(sub)
+    register_play(sub)
     # listed for --help; its options are parsed by graft.bench itself (see main)
     sub.add_parser(
         "bench", help="GRPO step benchmark, graft vs TRL side by side (graft bench --help)", add_help=False

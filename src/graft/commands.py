@@ -411,9 +411,6 @@ def non_negative(text: str) -> float:
 
 def register(sub) -> None:
     """Add these commands to the `graft` parser."""
-    from graft.play import register as register_play
-
-    register_play(sub)
     sft = sub.add_parser("sft", help="supervised warm-up on examples of the wanted format (then graft train)")
     sft.add_argument("config", nargs="?", help="YAML recipe (its sft section, model, lora and task)")
     sft.add_argument("overrides", nargs="*", help="dotted overrides, e.g. sft.max_steps=50")
