@@ -35,8 +35,9 @@ def grpo_step(setup: StepSetup, draw_problems: Callable[[int], list[Problem]]) -
     """One GRPO step on the next `train.prompts_per_step` problems; returns the scored batch and the step's
     metrics.
 
-    1. rollout: G completions per prompt (a group), their token ids and sampling log-probs;
-    2. rewards: every completion scored by each reward function, weighted into one total;
+    1. rollout: G completions per prompt (a group), their token ids and sampling log-probs (a multi-turn
+       task: G whole episodes against its environment);
+    2. rewards: every completion (episode) scored by each reward function, weighted into one total;
     3. dynamic sampling (grpo.dynamic_sampling): groups whose rewards all agree teach nothing, so more
        problems are drawn and sampled until the batch has enough groups that differ (DAPO);
     4. advantages: each total against its group's mean (scaled per grpo.scale_rewards);
@@ -44,10 +45,8 @@ def grpo_step(setup: StepSetup, draw_problems: Callable[[int], list[Problem]]) -
     6. update: num_iterations x num_minibatches optimizer steps on the clipped policy loss.
     """
     cfg, timer, ranks = setup.cfg, PhaseTimer(), setup.ranks
-    problems = ranks.share(
-        draw_problems(cfg.train.prompts_per_step)
-    )  # every rank draws, each keeps its share
-    batch = sample_and_score(setup, problems, timer)
+    # every rank draws the step's problems; each keeps its share (one process: all of them)
+    batch = sample_and_score(setup, ranks.share(draw_problems(cfg.train.prompts_per_step)), timer)
     sampling = {}
     if cfg.grpo.dynamic_sampling:
         batch, sampling = keep_groups_with_signal(setup, batch, draw_problems, timer)
