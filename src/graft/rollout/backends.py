@@ -67,35 +67,10 @@ class GraftBackend:
     def sync_weights(self, policy) -> None:
         return None
 
-    def sample(
-        self,
-        policy,
-        prompts: list[list[int]],
-        *,
-        group_size: int,
-        max_new_tokens: int,
-        pad_id: int,
-        stop_ids: list[int],
-        temperature: float = 1.0,
-        top_p: float = 1.0,
-        min_new_tokens: int = 0,
-        greedy: bool = False,
-        generator: torch.Generator | None = None,
-    ) -> Rollout:
+    def sample(self, policy, prompts: list[list[int]], **options) -> Rollout:
+        """graft.rollout.sampler.sample's options (RolloutBackend.sample's), on the LoRA-merged policy."""
         with merged_adapter(policy, self.merge_adapter) as model:
-            return sample(
-                model,
-                prompts,
-                group_size=group_size,
-                max_new_tokens=max_new_tokens,
-                pad_id=pad_id,
-                stop_ids=stop_ids,
-                temperature=temperature,
-                top_p=top_p,
-                min_new_tokens=min_new_tokens,
-                greedy=greedy,
-                generator=generator,
-            )
+            return sample(model, prompts, **options)
 
 
 def vllm_install_problem() -> str | None:
