@@ -18,9 +18,14 @@ from graft.training.setup import StepSetup
 
 
 def play_episodes(
-    setup: StepSetup, problems: list[Problem], group_size: int, greedy: bool = False
+    setup: StepSetup,
+    problems: list[Problem],
+    group_size: int,
+    greedy: bool = False,
+    generator: torch.Generator | None = None,
 ) -> EpisodeBatch:
-    """`group_size` episodes of each problem with the policy as it is now (no dropout, LoRA merged)."""
+    """`group_size` episodes of each problem with the policy as it is now (no dropout, LoRA merged), drawn
+    with `generator` (default: the rollouts' own, which the checkpoints keep)."""
     cfg = setup.cfg
     setup.policy.eval()
     with merged_adapter(setup.policy, cfg.generation.merge_adapter) as model:
@@ -37,7 +42,7 @@ def play_episodes(
             temperature=cfg.generation.temperature,
             top_p=cfg.generation.top_p,
             greedy=greedy,
-            generator=setup.generator,
+            generator=generator or setup.generator,
             system_prompt=setup.task.system_prompt,  # None: the environment's own
             env_timeout=cfg.episode.env_timeout,
         )
@@ -48,15 +53,24 @@ def score_episodes(
 ) -> tuple[list, torch.Tensor, dict]:
     """(each episode's messages after the prompt, total (B,), per-function (B,) each). The functions get the
     episode as chat messages (the model's turns and the environment's) plus the problem's columns."""
+    completions, prompts, columns = episode_reward_inputs(setup, problems, played)
+    total, per_fn = score_completions(setup.rewards, setup.reward_weights, prompts, completions, columns)
+    if setup.correctness_name not in per_fn:
+        per_fn[setup.correctness_name] = torch.tensor(setup.correctness(prompts, completions, **columns))
+    return completions, total, per_fn
+
+
+def episode_reward_inputs(
+    setup: StepSetup, problems: list[Problem], played: EpisodeBatch
+) -> tuple[list[list[dict]], list, dict[str, list]]:
+    """(each episode's messages after the prompt, prompts, columns) for the reward functions, one per
+    episode: the problem's columns plus the episode's token ids and its length limit."""
     group_size = played.rollout.group_size
     completions = [episode.completion_messages() for episode in played.episodes]
     prompts, columns = setup.task.reward_inputs([p for p in problems for _ in range(group_size)])
     columns["completion_ids"] = [episode.completion_ids() for episode in played.episodes]
     columns["max_completion_length"] = [setup.cfg.episode.max_episode_tokens] * len(completions)
-    total, per_fn = score_completions(setup.rewards, setup.reward_weights, prompts, completions, columns)
-    if setup.correctness_name not in per_fn:
-        per_fn[setup.correctness_name] = torch.tensor(setup.correctness(prompts, completions, **columns))
-    return completions, total, per_fn
+    return completions, prompts, columns
 
 
 def transcript(messages: list[dict]) -> str:
@@ -91,14 +105,17 @@ def play_and_score(setup: StepSetup, problems: list[Problem], timer: PhaseTimer)
     return batch
 
 
-def evaluate_episodes(setup: StepSetup, num_problems: int, batch_size: int) -> EvalResult:
+def evaluate_episodes(
+    setup: StepSetup, num_problems: int | None, batch_size: int, generator: torch.Generator
+) -> EvalResult:
     """Greedy episodes on the held-out problems: accuracy (the correctness reward, e.g. the win rate),
     episode lengths and truncation, what the environment measures itself (Environment.summarize: Wordle's
     invalid-guess, format and feedback-consistency rates) and the first few games turn by turn."""
     problems = setup.task.eval[:num_problems]
     episodes = []
     for start in range(0, len(problems), batch_size):
-        episodes += play_episodes(setup, problems[start : start + batch_size], 1, greedy=True).episodes
+        chunk = problems[start : start + batch_size]
+        episodes += play_episodes(setup, chunk, 1, greedy=True, generator=generator).episodes
     completions = [episode.completion_messages() for episode in episodes]
     prompts, columns = setup.task.reward_inputs(problems)
     scores = setup.correctness(prompts, completions, **columns)

@@ -88,13 +88,11 @@ def setup_training(
         ref_model = copy.deepcopy(policy).requires_grad_(False)
     if cfg.lora.enabled:
         policy = add_lora(policy, cfg.lora, cfg.train.seed)
-    if (
-        cfg.train.gradient_checkpointing
-    ):  # non-reentrant: needs no gradient on the (frozen) embeddings' output
+    # non-reentrant checkpointing: needs no gradient on the (frozen) embeddings' output
+    if cfg.train.gradient_checkpointing:
         policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    paths = plan_fast_paths(
-        cfg, device, model=policy, world=ranks.world
-    )  # the config's plan, settled for this model
+    # the config's plan, settled for this model
+    paths = plan_fast_paths(cfg, device, model=policy, world=ranks.world)
     replay = paths.why.get("replayed update", "on")
     if cfg.train.replay and replay != "on":
         display.print(f"[dim]train.replay: not used, a second forward per update: {escape(replay[5:])}[/dim]")
@@ -102,7 +100,7 @@ def setup_training(
     backend = make_backend(cfg, device, policy)
     backend.sync_weights(policy)
     if backend.name != "graft":
-        display.print(f"rollouts: {backend.name} (weights synced after every optimizer step)")
+        display.print(f"rollouts: {backend.name} (the policy's weights loaded into it before every rollout)")
     params = [p for p in policy.parameters() if p.requires_grad]
     optimizer, scheduler = build_optimizer(params, cfg)
     setup = StepSetup(
@@ -174,25 +172,23 @@ class Bookkeeping:
         # its own generator: pass@k sampling must not move the training sampler's random sequence
         generator = torch.Generator(device=setup.device).manual_seed(self.cfg.train.seed + step)
         if setup.environment is not None:  # multi-turn: greedy episodes against the task's environment
-            result = evaluate_episodes(setup, evaluation.num_prompts, evaluation.batch_size)
-            self.eval_history[tag] = {"step": step, **result.to_dict()}
-            self.run.write_json("eval.json", self.eval_history)
-            return result.accuracy
-        with merged_adapter(setup.policy, self.cfg.generation.merge_adapter):
-            result = evaluate(
-                setup.policy,
-                setup.tokenizer,
-                setup.task,
-                setup.correctness,
-                max_new_tokens=evaluation.max_new_tokens or self.cfg.generation.max_new_tokens,
-                stop_ids=setup.stop_ids,
-                num_problems=evaluation.num_prompts,
-                batch_size=evaluation.batch_size,
-                num_samples_kept=evaluation.num_samples_kept,
-                num_samples=evaluation.num_samples,
-                temperature=evaluation.temperature,
-                generator=generator,
-            )
+            result = evaluate_episodes(setup, evaluation.num_prompts, evaluation.batch_size, generator)
+        else:
+            with merged_adapter(setup.policy, self.cfg.generation.merge_adapter):
+                result = evaluate(
+                    setup.policy,
+                    setup.tokenizer,
+                    setup.task,
+                    setup.correctness,
+                    max_new_tokens=evaluation.max_new_tokens or self.cfg.generation.max_new_tokens,
+                    stop_ids=setup.stop_ids,
+                    num_problems=evaluation.num_prompts,
+                    batch_size=evaluation.batch_size,
+                    num_samples_kept=evaluation.num_samples_kept,
+                    num_samples=evaluation.num_samples,
+                    temperature=evaluation.temperature,
+                    generator=generator,
+                )
         self.eval_history[tag] = {"step": step, **result.to_dict()}
         self.run.write_json("eval.json", self.eval_history)
         return result.accuracy

@@ -83,9 +83,8 @@ def encode_example(
             continue
         start = len(encode_messages(tokenizer, messages[:i]))
         reply = tokenizer.encode(str(message.get("content", "")), add_special_tokens=False) + [stop_id]
-        if (
-            ids[start : start + len(reply)] == reply
-        ):  # else a template that rewrites history: final reply only
+        # a template that rewrites history puts the reply elsewhere: then only the final reply is trained
+        if ids[start : start + len(reply)] == reply:
             spans.append((start, start + len(reply)))
     spans.append((len(prompt), len(ids)))
     ids = ids[:max_length]
