@@ -137,6 +137,7 @@ def test_summary_rows():
     before = {
         "step": 0,
         "accuracy": 0.25,
+        "unseen_accuracy": 0.125,
         "mean_length": 100.0,
         "truncated_fraction": 0.2,
         "pass_at_k": {"1": 0.25, "16": 0.6, "4": 0.5},
@@ -145,6 +146,7 @@ def test_summary_rows():
     after = {
         "step": 10,
         "accuracy": 0.5,
+        "unseen_accuracy": 0.5,
         "mean_length": 80.3,
         "truncated_fraction": 0.2,
         "accuracy_strict": 0.4,
@@ -153,6 +155,7 @@ def test_summary_rows():
     rows = summary_rows({"before": before, "after": after})
     assert rows == [
         ("greedy accuracy", "0.250", "0.500", "+0.250"),
+        ("greedy accuracy, unseen phrasing", "0.125", "0.500", "+0.375"),
         ("strict accuracy", "-", "0.400", "-"),
         ("pass@1", "0.250", "0.500", "+0.250"),
         ("pass@4", "0.500", "0.450", "-0.050"),

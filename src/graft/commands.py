@@ -117,13 +117,13 @@ def evaluate_target(
     task = build_task(cfg.task)
     model, tokenizer = loaded or load_target(target, with_weights=not base)
     fit_to_model(cfg, task, model, tokenizer)
-    problems = task.train if split == "train" else task.eval
-    problems = problems[:num] if num else problems
+    # the held-out split goes in whole (problems=None) so that its unseen phrasings are measured too
+    problems = task.train[:num] if split == "train" else None
     correctness, runtime = _judge(task, cfg)
     start = time.perf_counter()
     try:
         result = evaluate(
-            model, tokenizer, task, correctness, problems=problems,
+            model, tokenizer, task, correctness, problems=problems, num_problems=num,
             max_new_tokens=max_new_tokens or cfg.eval.max_new_tokens or cfg.generation.max_new_tokens,
             stop_ids=stop_token_ids(model, tokenizer), batch_size=cfg.eval.batch_size,
             num_samples=samples, temperature=temperature or cfg.eval.temperature,
@@ -156,6 +156,7 @@ def eval_table(data: dict[str, Any]) -> Table:
     table.add_column("metric")
     table.add_column("value", justify="right")
     rows = [("greedy accuracy", data["accuracy"]), ("strict accuracy", data["accuracy_strict"]),
+            ("unseen phrasing accuracy", data.get("unseen_accuracy")),
             ("format compliance", data["format_compliance"])]  # fmt: skip
     rows += [(f"pass@{k}", v) for k, v in data["pass_at_k"].items()]
     rows += [(f"maj@{k}", v) for k, v in data["maj_at_k"].items()]

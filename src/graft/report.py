@@ -17,6 +17,7 @@ from pathlib import Path
 # (label, key in an eval result, decimals): rates get 3 decimals like the console summary, lengths 1
 _SCALAR_ROWS = [
     ("greedy accuracy", "accuracy", 3),
+    ("greedy accuracy, unseen phrasing", "unseen_accuracy", 3),
     ("strict accuracy", "accuracy_strict", 3),
     ("format compliance", "format_compliance", 3),
 ]

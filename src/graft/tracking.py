@@ -255,10 +255,16 @@ class ProgressDisplay:
     otherwise (CI logs, pipes): see progress_style."""
 
     def __init__(
-        self, total_steps: int, mode: str = "auto", console: Console | None = None, label: str = "GRPO"
+        self,
+        total_steps: int,
+        mode: str = "auto",
+        console: Console | None = None,
+        label: str = "GRPO",
+        budget_s: float | None = None,  # train.max_minutes: the ETA is at most what is left of it
     ):
         self.console = console or Console(soft_wrap=True)
         self.total = total_steps
+        self.budget_s = budget_s
         self.use_bar = progress_style(mode, self.console) == "bar"
         self._start = time.perf_counter()
         self._done_before = 0
@@ -297,6 +303,8 @@ class ProgressDisplay:
         else:
             elapsed = time.perf_counter() - self._start
             eta = elapsed / max(step - self._done_before, 1) * (self.total - step)
+            if self.budget_s is not None:
+                eta = min(eta, max(self.budget_s - elapsed, 0.0))
             self.console.print(
                 f"step {step}/{self.total}  {line}  [{elapsed:.0f}s elapsed, eta {eta:.0f}s]", soft_wrap=True
             )

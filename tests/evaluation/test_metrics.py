@@ -47,3 +47,25 @@ def test_sampled_metrics_on_a_fixture_with_known_answers():
     # maj@2: p1 first two answers 5, 5 -> right; p2 8, 8 -> wrong => 0.5
     # maj@4: p1 votes 5,5,6 (None abstains) -> 5 right; p2 8,8,9,7 -> 8 wrong => 0.5
     assert maj_k == pytest.approx({"2": 0.5, "4": 0.5})
+
+
+def test_unseen_phrasings_are_scored_beside_the_held_out_split():
+    from conftest import build_tiny_model, build_tiny_tokenizer
+    from graft.evaluation import evaluate
+    from graft.tasks.base import Problem
+
+    tokenizer = build_tiny_tokenizer()
+    model = build_tiny_model(len(tokenizer))
+    task = build_task(TaskConfig(num_train=10, num_eval=4))
+    task.eval = [Problem("What is 1 + 1?", "1"), Problem("What is 2 + 2?", "0")]
+    task.unseen = [Problem(f"How much is {i} plus 1?", a) for i, a in enumerate("1000")]
+
+    def gold_says(prompts, completions, answer, **_):  # scores the gold column, whatever the model wrote
+        return [float(a) for a in answer]
+
+    run = dict(max_new_tokens=3, stop_ids=[2], batch_size=3)
+    result = evaluate(model, tokenizer, task, gold_says, **run)
+    assert result.accuracy == 0.5 and result.unseen_accuracy == 0.25  # 1 of 2, 1 of 4
+    assert evaluate(model, tokenizer, task, gold_says, num_problems=1, **run).unseen_accuracy == 1.0
+    explicit = evaluate(model, tokenizer, task, gold_says, problems=task.unseen[1:], **run)
+    assert explicit.accuracy == 0.0 and explicit.unseen_accuracy is None  # a chosen list is measured alone

@@ -247,3 +247,13 @@ def test_disk_full_on_save_stops_cleanly_and_keeps_earlier_checkpoints(tiny_mode
     assert sorted(p.name for p in checkpoints.iterdir()) == ["latest", "step-000001"]  # no torn folder left
     run = train(load_config(None, [*overrides, "resume=auto"]))  # and the run goes on from it
     assert [m["step"] for m in metrics(run) if "loss" in m] == [1, 2, 3, 4]
+
+
+def test_a_time_budget_ends_the_run_as_max_steps_would(tiny_model_dir, tmp_path):
+    # a budget any step exceeds: step 1 is the last, with the final save, checkpoint and evaluation
+    run = train(resume_config(tiny_model_dir, tmp_path, "budget", "train.max_minutes=1e-6"))
+    assert [m["step"] for m in metrics(run) if "loss" in m] == [1]
+    assert (run / "final" / "adapter_model.safetensors").is_file()
+    assert json.loads((run / "eval.json").read_text())["after"]["step"] == 1
+    state = torch.load(run / "checkpoints" / "step-000001" / "trainer_state.pt", weights_only=False)
+    assert state["trainer_state"]["train_seconds"] > 0  # a resumed run spends what is left, not it all again

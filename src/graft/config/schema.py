@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import math
 import re
+import string
 from typing import Literal
 
 import yaml
@@ -104,6 +105,16 @@ class TaskConfig(_Section):
     min_operand: int = Field(0, description="smallest operand (arithmetic)")
     max_operand: int = Field(20, description="largest operand (arithmetic)")
     operations: list[Literal["+", "-", "*"]] = Field(["+", "-"], description="operations to draw from")
+    templates: list[str | dict[Literal["+", "-", "*"], str]] = Field(
+        ["What is {a} {op} {b}?"],
+        description="arithmetic: phrasings with {a}, {b}, {op} (+) or {op_word} (plus), or one per operation "
+        "as {'+': ..., '-': ...}; every training problem is asked in each; held-out in the first",
+    )
+    unseen_templates: list[str | dict[Literal["+", "-", "*"], str]] = Field(
+        [],
+        description="arithmetic: phrasings never trained on; the held-out problems asked in them are "
+        "evaluated too (report row 'greedy accuracy, unseen phrasing')",
+    )
     system_prompt: str | None = Field(
         "default",
         description="system message through the chat template: 'default' = the task's own, null = none",
@@ -122,7 +133,38 @@ class TaskConfig(_Section):
             )
         if not self.operations:
             raise ValueError("operations is empty; list at least one of '+', '-', '*'")
+        for key in ("templates", "unseen_templates"):
+            for template in getattr(self, key):
+                for text in template.values() if isinstance(template, dict) else [template]:
+                    _check_template(key, text)
+        if not self.templates:
+            raise ValueError("templates is empty; give at least one phrasing, e.g. 'What is {a} {op} {b}?'")
+        if shared := [u for u in self.unseen_templates if u in self.templates]:
+            raise ValueError(
+                f"unseen_templates {shared} are also in templates; an unseen phrasing must not be trained on"
+            )
+        first = self.templates[0]
+        if isinstance(first, dict) and (missing := [op for op in self.operations if op not in first]):
+            raise ValueError(
+                f"templates[0] asks the held-out problems, so it needs every operation; it has none for "
+                f"{missing}: add them, or put a plain phrasing with {{op}} first"
+            )
         return self
+
+
+def _check_template(key: str, text: str) -> None:
+    try:
+        fields = {name for _, name, _, _ in string.Formatter().parse(text) if name is not None}
+    except ValueError as err:  # "{a" and the like
+        raise ValueError(
+            f"{key}: {text!r} is not a valid phrasing ({err}); write placeholders as {{a}}"
+        ) from None
+    if unknown := fields - {"a", "b", "op", "op_word"}:
+        raise ValueError(
+            f"{key}: {text!r} uses {sorted(unknown)}; a phrasing may use {{a}}, {{b}}, {{op}} and {{op_word}}"
+        )
+    if not {"a", "b"} <= fields:
+        raise ValueError(f"{key}: {text!r} must contain both {{a}} and {{b}} (the operands)")
 
 
 class EpisodeConfig(_Section):
@@ -278,6 +320,12 @@ class GenerationConfig(_Section):
 class TrainConfig(_Section):
     seed: int = Field(0, description="seed for sampling, LoRA init and prompt order")
     max_steps: int = Field(30, ge=1, description="GRPO steps (one rollout batch each)")
+    max_minutes: float | None = Field(
+        None,
+        gt=0,
+        description="also end the run (final save and evaluation) once its steps took this long, loading "
+        "and evaluation not counted; null = max_steps alone",
+    )
     prompts_per_step: int = Field(
         2, ge=1, description="prompts per GRPO step; the batch is this x G completions"
     )

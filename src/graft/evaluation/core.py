@@ -28,6 +28,7 @@ class EvalResult:
     maj_at_k: dict[str, float] = field(default_factory=dict)
     samples: list[dict] = field(default_factory=list)  # the first greedy completions, with their scores
     episode: dict[str, float] = field(default_factory=dict)  # multi-turn: what the environment measures
+    unseen_accuracy: float | None = None  # greedy, the held-out problems in phrasings never trained on
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -88,10 +89,18 @@ def evaluate(
     temperature: float = 1.0,
     generator: torch.Generator | None = None,
 ) -> EvalResult:
-    """Greedy decoding of every problem (default: the task's held-out split), then, with num_samples = n > 0,
-    n sampled completions per problem for pass@k and maj@k (k = 1, 2, 4, ..., n)."""
+    """Greedy decoding of every problem (default: the task's held-out split, and its unseen phrasings when it
+    has them), then, with num_samples = n > 0, n sampled completions per problem for pass@k and maj@k
+    (k = 1, 2, 4, ..., n)."""
+    unseen_accuracy = None
     if problems is None:
         problems = task.eval[:num_problems] if num_problems else task.eval
+        if task.unseen:
+            unseen = task.unseen[:num_problems] if num_problems else task.unseen
+            greedy_only = dict(max_new_tokens=max_new_tokens, stop_ids=stop_ids, batch_size=batch_size)
+            unseen_accuracy = evaluate(
+                model, tokenizer, task, correctness, problems=unseen, num_samples_kept=0, **greedy_only
+            ).accuracy
     correct, strict, formatted, lengths, truncated, kept = [], [], [], [], 0, []
     was_training = model.training
     model.eval()
@@ -122,6 +131,7 @@ def evaluate(
         accuracy_strict=sum(strict) / n if strict else None,
         format_compliance=sum(formatted) / n,
         samples=kept,
+        unseen_accuracy=unseen_accuracy,
     )
     if num_samples > 0:
         per_chunk = max(1, batch_size // num_samples)

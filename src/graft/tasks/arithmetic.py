@@ -10,15 +10,19 @@ from graft.config import ConfigError, TaskConfig
 from graft.tasks.base import Problem, Task, make_task
 
 _OPS = {"+": operator.add, "-": operator.sub, "*": operator.mul}
+_OP_WORDS = {"+": "plus", "-": "minus", "*": "times"}
+
+Triple = tuple[int, str, int]  # (a, op, b)
 
 
-def _problem(a: int, op: str, b: int) -> Problem:
-    return Problem(prompt=f"What is {a} {op} {b}?", answer=str(_OPS[op](a, b)))
+def _phrase(template: str | dict[str, str], a: int, op: str, b: int) -> str | None:
+    """The problem in one phrasing; None when the phrasing has no wording for this operation."""
+    text = template.get(op) if isinstance(template, dict) else template
+    return None if text is None else text.format(a=a, b=b, op=op, op_word=_OP_WORDS[op])
 
 
-def _solve(problem: Problem) -> tuple[str, str, str]:
-    expression = problem.prompt.removeprefix("What is ").removesuffix("?")
-    return f"{expression} = {problem.answer}", problem.answer, problem.answer
+def _problem(prompt: str, a: int, op: str, b: int) -> Problem:
+    return Problem(prompt=prompt, answer=str(_OPS[op](a, b)))
 
 
 SYSTEM = "Solve the arithmetic problem. End your reply with the final answer as a plain integer."
@@ -39,21 +43,39 @@ def arithmetic_task(cfg: TaskConfig) -> Task:
         rng.shuffle(triples)
         triples = triples[:wanted]
     else:
-        seen: set[tuple[int, str, int]] = set()
+        seen: set[Triple] = set()
         triples = []
         while len(triples) < wanted:
             t = (rng.randint(lo, hi), rng.choice(ops), rng.randint(lo, hi))
             if t not in seen:
                 seen.add(t)
                 triples.append(t)
-    problems = [_problem(*t) for t in triples]
+    held_out, training = triples[: cfg.num_eval], triples[cfg.num_eval :]
+    # every phrasing of a training problem is trained on; held-out problems are asked in the first phrasing,
+    # and again in the unseen ones (round robin over those that word the operation)
+    expressions: dict[str, str] = {}
+
+    def ask(template, t: Triple) -> Problem | None:
+        prompt = _phrase(template, *t)
+        if prompt is None:
+            return None
+        expressions[prompt] = f"{t[0]} {t[1]} {t[2]}"
+        return _problem(prompt, *t)
+
+    train = [p for t in training for template in cfg.templates if (p := ask(template, t))]
+    held = [ask(cfg.templates[0], t) for t in held_out]
+    unseen: list[Problem] = []
+    for i, t in enumerate(held_out):
+        wording = [u for u in cfg.unseen_templates if _phrase(u, *t) is not None]
+        if wording:
+            unseen.append(ask(wording[i % len(wording)], t))
+    if cfg.unseen_templates and not unseen:
+        raise ConfigError("task.unseen_templates word none of task.operations; give a phrasing with {op}")
+
+    def solve(problem: Problem) -> tuple[str, str, str]:
+        return f"{expressions[problem.prompt]} = {problem.answer}", problem.answer, problem.answer
+
     # When the space is smaller than num_train + num_eval, training gets every problem not held out.
-    return make_task(
-        cfg,
-        "arithmetic",
-        problems[cfg.num_eval :],
-        problems[: cfg.num_eval],
-        SYSTEM,
-        "last_integer",
-        solve=_solve,
-    )
+    task = make_task(cfg, "arithmetic", train, held, SYSTEM, "last_integer", solve=solve)
+    task.unseen = unseen
+    return task

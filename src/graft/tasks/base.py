@@ -32,6 +32,8 @@ class Task:
     solve: Callable[[Problem], tuple[str, str, str]] | None = None
     # multi-turn tasks: whole solved episodes as (conversation so far, the next reply) SFT examples
     episode_demonstrations: Callable[[], list[tuple[list[dict[str, str]], str]]] | None = None
+    # held-out problems asked in phrasings never trained on (arithmetic's task.unseen_templates)
+    unseen: list[Problem] = field(default_factory=list)
 
     def demonstration(self, problem: Problem) -> str:
         """A completion in the wanted format that solves `problem`: SFT warm-up data from the task itself."""

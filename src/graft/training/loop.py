@@ -153,10 +153,12 @@ class Bookkeeping:
         self.order = PromptOrder(setup.task, cfg.train.seed)
         self.health = HealthMonitor(cfg.health)
         self.nonfinite_streak, self.eval_history, self.first_step = 0, {}, 1
+        self.train_seconds = 0.0  # the steps' time, for train.max_minutes (kept across a resume)
         if state is not None:
             trainer_state = state["trainer_state"]
             self.first_step = state["step"] + 1
             self.nonfinite_streak = trainer_state.get("nonfinite_streak", 0)
+            self.train_seconds = trainer_state.get("train_seconds", 0.0)
             self.eval_history = {
                 k: v for k, v in run.read_json("eval.json").items() if v["step"] <= state["step"]
             }
@@ -198,6 +200,7 @@ class Bookkeeping:
         trainer_state = {
             "order": self.order.state(),
             "nonfinite_streak": self.nonfinite_streak,
+            "train_seconds": self.train_seconds,
             "health": self.health.state(),
             "config": self.cfg.model_dump(mode="json"),
         }
@@ -223,12 +226,19 @@ class Bookkeeping:
         )
         setup.ranks.barrier()
 
-    def after_step(self, step: int, batch: ScoredBatch, metrics: dict, stopping: bool) -> None:
+    def is_last_step(self, step: int, seconds: float) -> bool:
+        """max_steps reached, or train.max_minutes spent on steps (every rank agrees)."""
+        self.train_seconds += seconds
+        budget = self.cfg.train.max_minutes
+        out_of_time = budget is not None and self.train_seconds >= 60 * budget
+        return self.setup.ranks.any(step == self.cfg.train.max_steps or out_of_time)
+
+    def after_step(self, step: int, batch: ScoredBatch, metrics: dict, stopping: bool, last: bool) -> None:
         """Health alarms, completions log, the non-finite rule, periodic evaluation and checkpoint, the
         metrics row and the progress display, in that order."""
         cfg, display = self.cfg, self.display
         report_reward_failures(self.setup.rewards, display)
-        if step == cfg.train.max_steps:  # the failure rule on the whole run, however short, before its end
+        if last:  # the failure rule on the whole run, however short, before its end
             try:
                 self.setup.rewards.final_check()
             except RewardError:
@@ -250,13 +260,13 @@ class Bookkeeping:
                 f"Batch prompts: {[p.prompt for p in batch.problems]}. Try a lower train.learning_rate, "
                 "rewards on a sane scale (or grpo.scale_rewards=group), or train.max_grad_norm."
             )
-        final_eval_follows = cfg.eval.at_end and step == cfg.train.max_steps
+        final_eval_follows = cfg.eval.at_end and last
         if cfg.eval.every_n_steps and step % cfg.eval.every_n_steps == 0 and not final_eval_follows:
             if self.setup.ranks.main:  # one evaluation for the run; the other ranks wait for it
                 metrics["eval/accuracy"] = self.evaluate(f"step_{step}", step)
             self.setup.ranks.barrier()
         every = cfg.checkpoint.every_n_steps
-        if step == cfg.train.max_steps or stopping or (every and step % every == 0):
+        if last or stopping or (every and step % every == 0):
             self.checkpoint(step)
         self.tracker.write(metrics)
         display.update(step, metrics)
@@ -285,7 +295,14 @@ def train(cfg: Config, console=None, stop_after: int | None = None) -> Path:
     checks = validate_or_raise(cfg, world=ranks.world)
     run, resume_from = ranks.broadcast(RunDir.for_config(cfg))  # a generated run name is the main rank's
     ranks.barrier()  # every rank has checked the run directory before the main rank creates it
-    display = ProgressDisplay(cfg.train.max_steps, cfg.logging.progress, console)
+    budget = cfg.train.max_minutes
+    display = ProgressDisplay(
+        cfg.train.max_steps, cfg.logging.progress, console, budget_s=budget and 60 * budget
+    )
+    if budget is not None:
+        display.print(
+            f"time budget: the run ends after {budget:g} min of steps or at step {cfg.train.max_steps}"
+        )
     if checks.memory is not None:
         display.print(f"memory estimate: {checks.memory.describe()}")
     for line in checks.paths.report_lines() if checks.paths else []:
@@ -350,20 +367,24 @@ def train(cfg: Config, console=None, stop_after: int | None = None) -> Path:
                 books.tracker.write({"step": 0, "eval/accuracy": accuracy})
             ranks.barrier()
         display.start(books.first_step - 1)
+        step = books.first_step - 1
         with StopRequest(cfg.train.stop_timeout) as stop:
             for step in range(books.first_step, cfg.train.max_steps + 1):
                 batch, metrics = grpo_step(setup, books.order.next_problems)
                 stop.step_done()
                 stopping = ranks.any(stop.requested or step == stop_after)  # every rank stops together
-                books.after_step(step, batch, {"step": step, **metrics}, stopping)
-                if stopping and step < cfg.train.max_steps:
+                last = books.is_last_step(step, metrics["time/step"])
+                books.after_step(step, batch, {"step": step, **metrics}, stopping, last)
+                if stopping and not last:
                     raise TrainingInterrupted(step, run.path)
+                if last:
+                    break
         display.close()
         if ranks.main:
             save_model(setup.policy, setup.tokenizer, run.path / "final")
             if cfg.eval.at_end:
-                accuracy = books.evaluate("after", cfg.train.max_steps)
-                books.tracker.write({"step": cfg.train.max_steps, "eval/accuracy": accuracy})
+                accuracy = books.evaluate("after", step)
+                books.tracker.write({"step": step, "eval/accuracy": accuracy})
         ranks.barrier()
     except BaseException:
         if ranks.main:
