@@ -71,3 +71,18 @@ def test_batch_std_ignores_none_rewards():
     adv, _ = group_advantages(torch.tensor([1.0, 0.0, nan, 0.0, 0.0, 0.0]), 3, "batch", eps=0.0)
     # valid rewards [1, 0, 0, 0, 0]: std = sqrt(0.8 / 4) = 0.44721; group 1 mean 0.5 -> +-0.5
     assert torch.allclose(adv, torch.tensor([0.5, -0.5, 0.0, 0.0, 0.0, 0.0]) / 0.44721, atol=1e-4)
+
+
+def test_weighted_reinforce_by_hand():
+    from graft.algo import weighted_reinforce_advantages
+
+    # lambda = 0.1: right (1) -> +0.1, wrong (0) -> -1, half right (0.5) -> 0.05 - 0.5, NaN -> 0, and a
+    # reward outside [0, 1] counts as its nearest end
+    rewards = torch.tensor([1.0, 0.0, 0.5, float("nan"), 3.0, -2.0])
+    expected = torch.tensor([0.1, -1.0, -0.45, 0.0, 0.1, -1.0])
+    assert torch.allclose(weighted_reinforce_advantages(rewards, 0.1), expected)
+    # a group that is all wrong still has a signal (GRPO's group advantage is 0 there)
+    all_wrong = torch.zeros(4)
+    assert (weighted_reinforce_advantages(all_wrong, 0.1) == -1).all()
+    assert (group_advantages(all_wrong, 4)[0] == 0).all()
+    assert torch.allclose(weighted_reinforce_advantages(torch.ones(2), 0.5), torch.tensor([0.5, 0.5]))

@@ -1,7 +1,7 @@
 """GRPO math as pure functions on tensors: no models, no I/O. Shapes are noted as (B, T):
 B completions in the batch, T completion positions, G completions per group."""
 
-from graft.algo.advantages import group_advantages
+from graft.algo.advantages import group_advantages, weighted_reinforce_advantages
 from graft.algo.importance import (
     MismatchMetrics,
     mismatch_metrics,
@@ -32,4 +32,5 @@ __all__ = [
     "sampler_log_ratio",
     "token_logprobs",
     "truncated_importance_weights",
+    "weighted_reinforce_advantages",
 ]

@@ -48,3 +48,18 @@ def group_advantages(
         raise ValueError(f"scale_rewards must be 'group', 'batch' or 'none', got {scale_rewards!r}")
     centered = centered.masked_fill(zero_variance.unsqueeze(1), 0.0)
     return centered.reshape(-1), zero_variance
+
+
+def weighted_reinforce_advantages(
+    rewards: torch.Tensor,  # (B,) rewards in [0, 1]; NaN = none
+    positive_weight: float = 0.1,
+) -> torch.Tensor:
+    """W-REINFORCE (Zhu et al. 2025, "The Surprising Effectiveness of Negative Reinforcement in LLM
+    Reasoning"): advantage = lambda * r - (1 - r), so a right completion (r = 1) gets +lambda and a wrong one
+    (r = 0) gets -1, with no group baseline. A group whose completions are all wrong still teaches: it pushes
+    probability away from those answers, which keeps the policy exploring where GRPO's group-relative
+    advantage is 0 and the policy collapses onto a wrong answer. Rewards outside [0, 1] are clamped into it;
+    a NaN reward gets advantage 0. Returns (B,)."""
+    r = rewards.clamp(0.0, 1.0)
+    advantages = positive_weight * r - (1.0 - r)
+    return torch.nan_to_num(advantages, nan=0.0)

@@ -242,6 +242,14 @@ class GrpoConfig(_Section):
     loss_type: Literal["grpo", "bnpo", "dr_grpo", "dapo"] = Field(
         "dapo", description="how per-token losses are averaged (see algo/losses.py)"
     )
+    advantage: Literal["group", "w_reinforce"] = Field(
+        "group",
+        description="group: each reward against its group's mean (GRPO); w_reinforce: no baseline, a "
+        "right completion pushed up by positive_weight, a wrong one down by 1 (rewards in [0, 1])",
+    )
+    positive_weight: float = Field(
+        0.1, gt=0, description="w_reinforce: the weight lambda of right completions (wrong ones: 1)"
+    )
     importance_sampling_level: Literal["token", "sequence"] = Field(
         "token", description="importance ratio per token, or one per sequence (GSPO)"
     )

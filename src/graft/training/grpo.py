@@ -40,7 +40,8 @@ def grpo_step(setup: StepSetup, draw_problems: Callable[[int], list[Problem]]) -
     2. rewards: every completion (episode) scored by each reward function, weighted into one total;
     3. dynamic sampling (grpo.dynamic_sampling): groups whose rewards all agree teach nothing, so more
        problems are drawn and sampled until the batch has enough groups that differ (DAPO);
-    4. advantages: each total against its group's mean (scaled per grpo.scale_rewards);
+    4. advantages: each total against its group's mean (scaled per grpo.scale_rewards), or W-REINFORCE's
+       weights without a baseline (grpo.advantage);
     5. frozen log-probs: the old policy's when the batch outlives an update, the reference's when beta > 0;
     6. update: num_iterations x num_minibatches optimizer steps on the clipped policy loss.
     """
@@ -51,9 +52,12 @@ def grpo_step(setup: StepSetup, draw_problems: Callable[[int], list[Problem]]) -
     if cfg.grpo.dynamic_sampling:
         batch, sampling = keep_groups_with_signal(setup, batch, draw_problems, timer)
     with timer.phase("train"):  # steps 4-6
+        rewards = ranks.gather_rows(batch.rewards)
         advantages, zero_variance = algo.group_advantages(
-            ranks.gather_rows(batch.rewards), cfg.grpo.num_generations, cfg.grpo.scale_rewards
+            rewards, cfg.grpo.num_generations, cfg.grpo.scale_rewards
         )
+        if cfg.grpo.advantage == "w_reinforce":  # no group baseline: groups that agree teach too
+            advantages = algo.weighted_reinforce_advantages(rewards, cfg.grpo.positive_weight)
         batch.advantages, zero_variance = ranks.share_rows(advantages), ranks.share_rows(zero_variance)
         batch.old_logprobs, batch.ref_logprobs = old_and_reference_logprobs(setup, batch.rollout)
         update = update_policy(
