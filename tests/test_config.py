@@ -102,3 +102,9 @@ def test_every_recipe_is_valid_and_says_how_to_run_it(recipe):
             assert build_task(cfg.task).train
         finally:
             os.chdir(cwd)
+
+
+def test_w_reinforce_and_dynamic_sampling_are_refused_together():
+    with pytest.raises(ConfigError, match="use one of the two"):
+        load_config(None, ["grpo.advantage=w_reinforce", "grpo.dynamic_sampling=true"])
+    assert load_config(None, ["grpo.advantage=w_reinforce"]).grpo.positive_weight == 0.1

@@ -190,3 +190,19 @@ def test_gradient_accumulation_equals_one_big_batch(tiny_model, loss_type):
         assert loss == pytest.approx(results[0][0], abs=1e-6)
         for a, b in zip(params, results[0][1], strict=True):
             assert torch.allclose(a, b, atol=1e-6)
+
+
+@pytest.mark.parametrize("advantage", ["group", "w_reinforce"])
+def test_w_reinforce_learns_from_groups_that_all_fail(tiny_model_dir, tmp_path, advantage):
+    """A random model scores 0 everywhere under last_integer: every group agrees, so GRPO's group-relative
+    advantages are 0 and nothing moves, while W-REINFORCE pushes the wrong completions down."""
+    run = train(tiny_config(tiny_model_dir, tmp_path, "rewards.functions=[last_integer]", "train.max_steps=1",
+                            "eval.at_start=false", "eval.at_end=false", "gate.enabled=false",
+                            f"grpo.advantage={advantage}"))  # fmt: skip
+    (step,) = [m for m in read_metrics(run) if "loss" in m]
+    assert step["reward/mean"] == 0.0
+    if advantage == "group":
+        assert step["grad_norm"] == 0.0 and step["zero_variance_group_fraction"] == 1.0
+    else:  # advantage -1 on every token: the loss is the mean ratio (1 at the first update) times -(-1)
+        assert step["grad_norm"] > 0 and step["loss"] == pytest.approx(1.0, abs=1e-5)
+        assert step["zero_variance_group_fraction"] == 0.0  # no group is without a signal

@@ -270,6 +270,15 @@ class GrpoConfig(_Section):
         "token's loss is weighted by min(pi_trainer / pi_sampler, tis_cap); null = no correction",
     )
 
+    @model_validator(mode="after")
+    def _check_estimator(self) -> GrpoConfig:
+        if self.advantage == "w_reinforce" and self.dynamic_sampling:
+            raise ValueError(
+                "dynamic_sampling drops the groups whose rewards agree, and those are what advantage="
+                "w_reinforce learns from (it has no group baseline); use one of the two"
+            )
+        return self
+
 
 class GenerationConfig(_Section):
     max_new_tokens: int = Field(64, ge=1, description="completion length limit (longer ones are truncated)")

@@ -56,8 +56,9 @@ def grpo_step(setup: StepSetup, draw_problems: Callable[[int], list[Problem]]) -
         advantages, zero_variance = algo.group_advantages(
             rewards, cfg.grpo.num_generations, cfg.grpo.scale_rewards
         )
-        if cfg.grpo.advantage == "w_reinforce":  # no group baseline: groups that agree teach too
+        if cfg.grpo.advantage == "w_reinforce":  # no group baseline: every group has a signal
             advantages = algo.weighted_reinforce_advantages(rewards, cfg.grpo.positive_weight)
+            zero_variance = torch.zeros_like(zero_variance)
         batch.advantages, zero_variance = ranks.share_rows(advantages), ranks.share_rows(zero_variance)
         batch.old_logprobs, batch.ref_logprobs = old_and_reference_logprobs(setup, batch.rollout)
         update = update_policy(
