@@ -81,6 +81,7 @@ def test_templates_ask_every_training_problem_in_each_phrasing_and_hold_out_unse
         if op == "+"
     }
     assert all(p.prompt.startswith("What is ") for p in task.eval)  # held out in the first phrasing
+    assert all(p.prompt.startswith("What is ") for p in task.train[:4])  # the gate probes 4 problems, not 1
     assert len(task.unseen) == 10
     for held, unseen in zip(task.eval, task.unseen, strict=True):
         assert held.answer == unseen.answer  # the same problem, asked another way

@@ -62,7 +62,8 @@ def arithmetic_task(cfg: TaskConfig) -> Task:
         expressions[prompt] = f"{t[0]} {t[1]} {t[2]}"
         return _problem(prompt, *t)
 
-    train = [p for t in training for template in cfg.templates if (p := ask(template, t))]
+    # phrasing by phrasing, so that the first problems (what the gate probes) are different problems
+    train = [p for template in cfg.templates for t in training if (p := ask(template, t))]
     held = [ask(cfg.templates[0], t) for t in held_out]
     unseen: list[Problem] = []
     for i, t in enumerate(held_out):
