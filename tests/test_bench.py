@@ -41,3 +41,30 @@ def test_replayed_step_counts_no_training_forward_through_the_layers():
     # SmolLM2-135M: ~0.21 GFLOP per token through the layers, ~0.057 through the 49k head; 2 x 40 prompt
     # tokens + 1024 completion tokens of layers' forward are skipped
     assert full - replayed == pytest.approx((2 * 40 + 16 * 64) * 0.212, rel=0.02)
+
+
+@pytest.mark.slow
+def test_wordle_benchmark_reports_episode_throughput(tmp_path, capsys):
+    """A one-step multi-turn run: 1 game x G=2 episodes of at most 2 turns; graft only (trl is dropped)."""
+    out = tmp_path / "wordle.json"
+    prompts, generations, steps, max_turns = 1, 2, 1, 2
+    code = main(["--task", "wordle", "--frameworks", "graft,trl", "--rounds", "1", "--steps", str(steps),
+                 "--warmup", "0", "--prompts-per-step", str(prompts), "--num-generations", str(generations),
+                 "--max-new-tokens", "8", "--max-turns", str(max_turns), "--json", str(out)])  # fmt: skip
+    assert code == 0
+    result = json.loads(out.read_text())
+    assert result["task"] == "wordle" and list(result["summary"]) == ["graft"]
+    graft = result["summary"]["graft"]
+    assert graft["episodes_per_s"] > 0 and graft["tokens_per_s"] > 0
+    assert 1 <= graft["turns_per_episode"] <= max_turns
+    assert graft["episodes"] == prompts * generations * steps
+    assert graft["steps_measured"] == steps
+    printed = " ".join(capsys.readouterr().out.split())  # rich wraps long lines
+    assert "dropping trl" in printed and "episodes/s" in printed
+    assert "no min_new_tokens" in printed  # episodes end naturally
+    assert "single-turn (graft vs TRL, completion tokens/s): graft bench --task arithmetic" in printed
+
+
+def test_wordle_bench_refuses_trl_alone(capsys):
+    assert main(["--task", "wordle", "--frameworks", "trl,trl-bf16"]) == 2
+    assert "TRL has no multi-turn GRPO trainer" in capsys.readouterr().out

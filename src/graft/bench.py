@@ -4,7 +4,11 @@ Each framework runs in its own subprocess (so peak RSS is its own), and the subp
 (graft, TRL, graft, TRL, ...) so that both see the same machine state. Both sample exactly
 `max_new_tokens` tokens per completion (stop tokens held back), so they do the same amount of work.
 
+`--task wordle` measures multi-turn GRPO steps instead: whole Wordle games against graft's environment,
+graft only (TRL has no multi-turn trainer to compare), episodes ending as they would in training.
+
     python benchmarks/grpo_step.py            # or: graft bench
+    graft bench --task wordle                 # episodes/s of graft's multi-turn steps
 """
 
 from __future__ import annotations
@@ -37,22 +41,32 @@ BF16_WORKERS = ("graft-bf16", "trl-bf16")
 
 
 def bench_overrides(args: argparse.Namespace, out_dir: str) -> list[str]:
-    """The graft config of the benchmark; the TRL worker mirrors every value."""
+    """The graft config of the benchmark; the TRL worker mirrors every value. --task wordle: GRPO on whole
+    games (no SFT warm-up), max_new_tokens per turn, stop tokens not held back, so that episodes end as
+    they would in training (the game is over, a turn is cut, or max_turns); graft's own micro-batch size,
+    as configs/wordle.yaml (episodes take the two-pass update, whose activations grow with the micro-batch:
+    the whole batch of 16 episodes at once took ~1.5x the peak RSS of 8)."""
+    if args.task == "wordle":
+        task = ["task.name=wordle", f"episode.max_turns={args.max_turns}", "sft.enabled=false"]
+    else:  # exactly max_new_tokens per completion, as the TRL worker
+        task = [
+            f"task.system_prompt='{SYSTEM_PROMPT}'",
+            f"generation.min_new_tokens={args.max_new_tokens}",
+            # the whole batch in one pass, as TRL's per_device_train_batch_size below (graft's default of 8
+            # gives the same gradients, tests/training/test_grpo.py; 16 at once is faster on this CPU)
+            f"train.micro_batch_size={args.num_generations * args.prompts_per_step}",
+        ]
     return [
         f"lora.r={args.lora_r}",
         f"lora.alpha={2 * args.lora_r}",
-        f"task.system_prompt='{SYSTEM_PROMPT}'",
+        *task,
         f"grpo.num_generations={args.num_generations}",
         "grpo.beta=0.0",
         "grpo.num_iterations=1",
         "grpo.loss_type=dapo",
         f"generation.max_new_tokens={args.max_new_tokens}",
-        f"generation.min_new_tokens={args.max_new_tokens}",
         "generation.temperature=1.0",
         f"train.prompts_per_step={args.prompts_per_step}",
-        # the whole batch in one pass, as TRL's per_device_train_batch_size below (graft's default of 8
-        # gives the same gradients, tests/training/test_grpo.py; 16 at once is faster on this CPU)
-        f"train.micro_batch_size={args.num_generations * args.prompts_per_step}",
         f"train.max_steps={args.warmup + args.steps}",
         "train.warmup_steps=0",
         "eval.at_start=false",
@@ -77,6 +91,10 @@ def peak_rss_mb() -> float:
 # ------------------------------------------------------------------------------------------- workers
 
 
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
 def worker_graft(args: argparse.Namespace) -> dict:
     from graft.config import load_config
     from graft.quiet import quiet_libraries
@@ -85,19 +103,35 @@ def worker_graft(args: argparse.Namespace) -> dict:
     quiet_libraries()
     with tempfile.TemporaryDirectory() as out:
         run = train(load_config(None, bench_overrides(args, out)))
-        rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+        rows, logged = read_jsonl(run / "metrics.jsonl"), read_jsonl(run / "completions.jsonl")
     steps = [r for r in rows if "time/step" in r][args.warmup :]
-    return {
+    result = {
         "step_s": [r["time/step"] for r in steps],
         "rollout_s": [r["time/rollout"] for r in steps],
         "reward_s": [r["time/reward"] for r in steps],
         "train_s": [r["time/train"] for r in steps],
-        "completion_tokens": [
-            r["completion_length/mean"] * args.num_generations * args.prompts_per_step for r in steps
-        ],
         "replayed": [r["replayed"] for r in steps],  # train.replay: no training forward
         "peak_rss_mb": peak_rss_mb(),
     }
+    if args.task == "wordle":
+        # episodes played: the completions log has one row per episode; completion_length counts the
+        # environment's turns too, episodes/env_tokens those alone (both means over the step's episodes)
+        episodes = [sum(c["step"] == r["step"] for c in logged) for r in steps]
+        result["episodes"] = episodes
+        result["turns_per_episode"] = [r["episodes/turns"] for r in steps]
+        result["model_tokens"] = [
+            round((r["completion_length/mean"] - r["episodes/env_tokens"]) * n)
+            for r, n in zip(steps, episodes, strict=True)
+        ]
+        result["env_tokens"] = [
+            round(r["episodes/env_tokens"] * n) for r, n in zip(steps, episodes, strict=True)
+        ]
+        result["done_fraction"] = [r["episodes/done"] for r in steps]  # the game ended (won or lost)
+    else:
+        result["completion_tokens"] = [
+            r["completion_length/mean"] * args.num_generations * args.prompts_per_step for r in steps
+        ]
+    return result
 
 
 def worker_trl(args: argparse.Namespace) -> dict:
@@ -246,6 +280,8 @@ def run_worker(framework: str, args: argparse.Namespace) -> dict:
         "max_new_tokens",
         "lora_r",
         "device",
+        "task",
+        "max_turns",
     ):
         cmd += [f"--{key.replace('_', '-')}", str(getattr(args, key))]
     env = {**os.environ, "TQDM_DISABLE": "1", **GRAFT_VARIANTS.get(framework, ([], {}))[1]}
@@ -261,34 +297,78 @@ def summarize(results: list[dict]) -> dict:
         for key, value in r.items():
             if isinstance(value, list):
                 merged.setdefault(key, []).extend(value)
-    tokens = [t / s for t, s in zip(merged["completion_tokens"], merged["step_s"], strict=True)]
+
+    def per_s(key: str) -> float:  # the median over steps of the step's count over its time
+        return statistics.median(n / s for n, s in zip(merged[key], merged["step_s"], strict=True))
+
+    times = {k: statistics.median(merged[k]) for k in ("step_s", "rollout_s", "reward_s", "train_s")}
+    common = {"peak_rss_mb": max(r["peak_rss_mb"] for r in results), "steps_measured": len(merged["step_s"])}
+    if "episodes" not in merged:
+        return {
+            "tokens_per_s": per_s("completion_tokens"),
+            **times,
+            "completion_tokens": statistics.median(merged["completion_tokens"]),
+            **common,
+        }
+    episodes = sum(merged["episodes"])
+    turns = sum(t * n for t, n in zip(merged["turns_per_episode"], merged["episodes"], strict=True))
     return {
-        "tokens_per_s": statistics.median(tokens),
-        "step_s": statistics.median(merged["step_s"]),
-        "rollout_s": statistics.median(merged["rollout_s"]),
-        "reward_s": statistics.median(merged["reward_s"]),
-        "train_s": statistics.median(merged["train_s"]),
-        "completion_tokens": statistics.median(merged["completion_tokens"]),
-        "peak_rss_mb": max(r["peak_rss_mb"] for r in results),
-        "steps_measured": len(merged["step_s"]),
+        "episodes_per_s": per_s("episodes"),
+        "tokens_per_s": per_s("model_tokens"),  # the model's tokens over all turns, not the environment's
+        "turns_per_episode": turns / max(episodes, 1),
+        **times,
+        "episodes": episodes,  # over all measured steps
+        "model_tokens": statistics.median(merged["model_tokens"]),
+        **common,
     }
+
+
+def print_wordle(console, args: argparse.Namespace, summary: dict) -> None:
+    from rich.table import Table
+
+    steps = args.rounds * args.steps
+    where = f"{os.cpu_count()} CPU cores" + ("" if args.device == "cpu" else f" + {args.device}")
+    table = Table(title=f"Wordle GRPO step on {where} (medians over {steps} steps)")
+    columns = ("", "episodes/s", "model tok/s", "turns/episode", "step s", "rollout s", "reward s", "train s")
+    for col in (*columns, "peak RSS MB"):
+        table.add_column(col, justify="right")
+    for framework, s in summary.items():
+        table.add_row(
+            framework, f"{s['episodes_per_s']:.2f}", f"{s['tokens_per_s']:.1f}", f"{s['turns_per_episode']:.2f}",
+            f"{s['step_s']:.2f}", f"{s['rollout_s']:.2f}", f"{s['reward_s']:.3f}", f"{s['train_s']:.2f}",
+            f"{s['peak_rss_mb']:.0f}",
+        )  # fmt: skip
+    console.print(table)
+    console.print(
+        "model tok/s: the model's tokens over all turns of a step's episodes (not the environment's) over the "
+        "step time; turns/episode: the mean over all measured episodes"
+    )
+    console.print("single-turn (graft vs TRL, completion tokens/s): graft bench --task arithmetic")
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="graft bench", description=__doc__.split("\n\n")[0])
     parser.add_argument(
         "--frameworks",
-        default="graft,trl",
         help="comma-separated: graft, trl, the mixed-precision modes graft-bf16 (bf16 sampling copy + "
         "bf16 autocast training) and trl-bf16 (GRPOConfig(bf16=True)), and graft with one fast path off: "
-        "graft-unpacked (no oneDNN packing), graft-noreplay (a second forward), graft-hf (transformers sampling)",
+        "graft-unpacked (no oneDNN packing), graft-noreplay (a second forward), graft-hf (transformers "
+        "sampling); default graft,trl (graft with --task wordle: TRL has no multi-turn trainer)",
     )
+    parser.add_argument(
+        "--task",
+        choices=("arithmetic", "wordle"),
+        default="arithmetic",
+        help="arithmetic: single-turn steps of exactly --max-new-tokens tokens, graft vs TRL; wordle: "
+        "multi-turn steps, whole games against graft's environment, graft only",
+    )
+    parser.add_argument("--max-turns", type=int, default=6, help="--task wordle: episode.max_turns")
     parser.add_argument("--rounds", type=int, default=2, help="alternating subprocess runs per framework")
     parser.add_argument("--steps", type=int, default=2, help="measured steps per run")
     parser.add_argument("--warmup", type=int, default=1, help="unmeasured steps per run")
-    parser.add_argument("--num-generations", type=int, default=8)
-    parser.add_argument("--prompts-per-step", type=int, default=2)
-    parser.add_argument("--max-new-tokens", type=int, default=64)
+    parser.add_argument("--num-generations", type=int, default=8, help="G: completions (episodes) per prompt")
+    parser.add_argument("--prompts-per-step", type=int, default=2, help="prompts (games) per step")
+    parser.add_argument("--max-new-tokens", type=int, default=64, help="per completion (per turn in wordle)")
     parser.add_argument("--lora-r", type=int, default=16)
     parser.add_argument(
         "--device", choices=("cpu", "cuda"), default="cpu", help="where both frameworks run (default cpu)"
@@ -307,13 +387,25 @@ def main(argv: list[str] | None = None) -> int:
     from rich.table import Table
 
     console = Console(width=max(Console().width, 110))  # the table must not be cut in CI logs
-    frameworks = [f.strip() for f in args.frameworks.split(",") if f.strip()]
+    wordle = args.task == "wordle"
+    default = "graft" if wordle else "graft,trl"
+    frameworks = [f.strip() for f in (args.frameworks or default).split(",") if f.strip()]
     unknown = [f for f in frameworks if f not in (*GRAFT_VARIANTS, "trl", "trl-bf16")]
     if unknown:
         console.print(
             f"[red]unknown --frameworks {unknown}[/red]; known: {', '.join(GRAFT_VARIANTS)}, trl, trl-bf16"
         )
         return 2
+    if wordle and any(f not in GRAFT_VARIANTS for f in frameworks):
+        dropped = [f for f in frameworks if f not in GRAFT_VARIANTS]
+        frameworks = [f for f in frameworks if f in GRAFT_VARIANTS]
+        console.print(
+            f"[yellow]dropping {', '.join(dropped)}[/yellow]: TRL has no multi-turn GRPO trainer to compare "
+            "with --task wordle (graft variants only)"
+        )
+        if not frameworks:
+            console.print("[red]nothing left to run[/red]: --task wordle runs graft variants only")
+            return 2
     from graft.cpu.probe import probe
 
     machine = probe()
@@ -329,17 +421,32 @@ def main(argv: list[str] | None = None) -> int:
                 "[red]TRL is not installed[/red]: pip install -e '.[bench]' (or --frameworks graft)"
             )
             return 2
-    console.print(
-        f"GRPO step: {args.prompts_per_step} prompts x G={args.num_generations}, exactly {args.max_new_tokens} "
-        f"new tokens, LoRA r{args.lora_r} all-linear, beta=0, mu=1; {args.rounds} rounds x {args.steps} steps "
-        f"(+{args.warmup} warmup) per framework, alternating"
-    )
+    runs = f"{args.rounds} rounds x {args.steps} steps (+{args.warmup} warmup) per framework, alternating"
+    if wordle:
+        console.print(
+            f"Wordle GRPO step (multi-turn, graft only): {args.prompts_per_step} games x G={args.num_generations} "
+            f"episodes, at most {args.max_turns} turns of at most {args.max_new_tokens} new tokens, episodes end "
+            f"naturally (no min_new_tokens), no SFT, LoRA r{args.lora_r} all-linear, beta=0, mu=1; {runs}"
+        )
+    else:
+        console.print(
+            f"GRPO step: {args.prompts_per_step} prompts x G={args.num_generations}, exactly "
+            f"{args.max_new_tokens} new tokens, LoRA r{args.lora_r} all-linear, beta=0, mu=1; {runs}"
+        )
     raw: dict[str, list[dict]] = {f: [] for f in frameworks}
     for round_index in range(args.rounds):
         for framework in frameworks:
             console.print(f"  round {round_index + 1}: {framework} ...")
             raw[framework].append(run_worker(framework, args))
     summary = {f: summarize(rs) for f, rs in raw.items()}
+    if wordle:
+        print_wordle(console, args, summary)
+        if args.json:
+            settings = {k: v for k, v in vars(args).items() if k not in ("json", "worker")}
+            result = {"task": "wordle", "settings": settings, "summary": summary, "raw": raw}
+            result["machine"] = machine.to_dict()
+            Path(args.json).write_text(json.dumps(result, indent=2))
+        return 0
 
     from graft.config import ModelConfig, TaskConfig
     from graft.evaluation import encode_prompts
