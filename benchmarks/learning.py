@@ -118,7 +118,7 @@ def worker_trl(args: argparse.Namespace, seed: int) -> dict:
 
     def accuracy(model) -> float:
         result = evaluate(
-            model, tokenizer, task, lambda p, c, **k: correctness(p, c, **k),
+            model, tokenizer, task, correctness,
             max_new_tokens=cfg.eval.max_new_tokens or cfg.generation.max_new_tokens,
             stop_ids=stop_token_ids(model, tokenizer), batch_size=cfg.eval.batch_size,
         )  # fmt: skip

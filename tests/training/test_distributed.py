@@ -85,6 +85,9 @@ def _rank_worker(rank: int, world: int, port: int, model_dir, loss_type: str, ou
     try:
         grads = step_gradients(model_dir, loss_type, Ranks(rank, world))
         torch.save(grads, f"{out}.{rank}")
+        # both ranks done before either tears gloo down: a rank destroying its group while the other's
+        # connection is still live aborted once in CI ("terminate called without an active exception")
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
