@@ -142,6 +142,7 @@ def test_summary_rows():
         "truncated_fraction": 0.2,
         "pass_at_k": {"1": 0.25, "16": 0.6, "4": 0.5},
         "maj_at_k": {},
+        "accuracy_by_kind": {"subtraction": 0.5, "addition": 0.25},
     }
     after = {
         "step": 10,
@@ -151,12 +152,16 @@ def test_summary_rows():
         "truncated_fraction": 0.2,
         "accuracy_strict": 0.4,
         "pass_at_k": {"1": 0.5, "4": 0.45, "16": 0.7},
+        "accuracy_by_kind": {"addition": 0.75, "subtraction": 0.5, "subtraction below 0": 0.0},
     }
     rows = summary_rows({"before": before, "after": after})
     assert rows == [
         ("greedy accuracy", "0.250", "0.500", "+0.250"),
         ("greedy accuracy, unseen phrasing", "0.125", "0.500", "+0.375"),
         ("strict accuracy", "-", "0.400", "-"),
+        ("greedy accuracy, addition", "0.250", "0.750", "+0.500"),
+        ("greedy accuracy, subtraction", "0.500", "0.500", "+0.000"),
+        ("greedy accuracy, subtraction below 0", "-", "0.000", "-"),
         ("pass@1", "0.250", "0.500", "+0.250"),
         ("pass@4", "0.500", "0.450", "-0.050"),
         ("pass@16", "0.600", "0.700", "+0.100"),

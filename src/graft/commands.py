@@ -158,6 +158,7 @@ def eval_table(data: dict[str, Any]) -> Table:
     rows = [("greedy accuracy", data["accuracy"]), ("strict accuracy", data["accuracy_strict"]),
             ("unseen phrasing accuracy", data.get("unseen_accuracy")),
             ("format compliance", data["format_compliance"])]  # fmt: skip
+    rows += [(f"greedy accuracy, {kind}", v) for kind, v in (data.get("accuracy_by_kind") or {}).items()]
     rows += [(f"pass@{k}", v) for k, v in data["pass_at_k"].items()]
     rows += [(f"maj@{k}", v) for k, v in data["maj_at_k"].items()]
     rows += [("mean length", data["mean_length"]), ("p95 length", data["p95_length"]),

@@ -79,6 +79,9 @@ def summary_rows(eval_history: dict) -> list[tuple[str, str, str, str]]:
     specs: list[tuple[str, float | None, float | None, int]] = []
     for label, key, decimals in _SCALAR_ROWS:
         specs.append((label, _number(before.get(key)), _number(after.get(key)), decimals))
+    b, a = before.get("accuracy_by_kind") or {}, after.get("accuracy_by_kind") or {}
+    for kind in sorted(set(b) | set(a)):  # the task's own breakdown (arithmetic: operation and sign)
+        specs.append((f"greedy accuracy, {kind}", _number(b.get(kind)), _number(a.get(kind)), 3))
     for family in ("pass_at_k", "maj_at_k"):
         b, a = before.get(family) or {}, after.get(family) or {}
         for k in sorted(set(b) | set(a), key=lambda k: (len(str(k)), str(k))):  # "2" before "16"

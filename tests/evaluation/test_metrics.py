@@ -69,3 +69,26 @@ def test_unseen_phrasings_are_scored_beside_the_held_out_split():
     assert evaluate(model, tokenizer, task, gold_says, num_problems=1, **run).unseen_accuracy == 1.0
     explicit = evaluate(model, tokenizer, task, gold_says, problems=task.unseen[1:], **run)
     assert explicit.accuracy == 0.0 and explicit.unseen_accuracy is None  # a chosen list is measured alone
+
+
+def test_accuracy_is_broken_down_by_problem_kind():
+    from conftest import build_tiny_model, build_tiny_tokenizer
+    from graft.evaluation import evaluate
+    from graft.tasks.base import Problem
+
+    tokenizer = build_tiny_tokenizer()
+    model = build_tiny_model(len(tokenizer))
+    task = build_task(TaskConfig(num_train=10, num_eval=4))
+    kinds = ["addition", "subtraction", "addition", "addition", None]
+    task.eval = [
+        Problem(f"What is {i}?", a, kind=k) for i, (a, k) in enumerate(zip("10110", kinds, strict=True))
+    ]
+
+    def gold_says(prompts, completions, answer, **_):
+        return [float(a) for a in answer]
+
+    result = evaluate(model, tokenizer, task, gold_says, max_new_tokens=2, stop_ids=[2], batch_size=2)
+    # gold scores 1 0 1 1 0: addition (problems 0, 2, 3) 3 of 3, subtraction (1) 0 of 1; problem 4 has no
+    # kind and counts in the accuracy only
+    assert result.accuracy_by_kind == {"addition": 1.0, "subtraction": 0.0}
+    assert result.accuracy == 3 / 5

@@ -15,6 +15,10 @@ def test_answers_are_right_and_split_never_overlaps():
     for p in task.train + task.eval:
         a, op, b = p.prompt.removeprefix("What is ").removesuffix("?").split()
         assert int(p.answer) == OPS[op](int(a), int(b))
+        want = {"+": "addition", "*": "multiplication"}.get(op) or (
+            "subtraction below 0" if int(a) < int(b) else "subtraction"
+        )
+        assert p.kind == want, p
 
 
 def test_seeded_and_seed_sensitive():

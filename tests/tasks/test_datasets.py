@@ -24,6 +24,22 @@ def test_jsonl_task_with_extra_columns_and_held_out_split(tmp_path):
     assert task.default_rewards == ("gsm8k_flexible",)
 
 
+def test_a_kind_column_labels_problems_for_the_evaluation_breakdown(tmp_path):
+    rows = [
+        {"prompt": f"What is {i} + 1?", "answer": str(i + 1), "kind": "odd" if i % 2 else "even"}
+        for i in range(6)
+    ]
+    rows.append({"prompt": "What is 9 + 9?", "answer": "18", "kind": 3})  # not a label: ignored
+    task = build_task(TaskConfig(name="jsonl", path=str(write_jsonl(tmp_path / "d.jsonl", rows)), num_eval=2))
+    kinds = {p.prompt: p.kind for p in task.train + task.eval}
+    assert (
+        kinds["What is 1 + 1?"] == "odd"
+        and kinds["What is 4 + 1?"] == "even"
+        and kinds["What is 9 + 9?"] is None
+    )
+    assert "kind" in task.reward_inputs(task.train[:1])[1]  # still a column the rewards can read
+
+
 def test_jsonl_eval_file_and_column_mapping(tmp_path):
     train = write_jsonl(tmp_path / "t.jsonl", [{"q": "a", "a": "1"}, {"q": "b", "a": "2"}])
     held = write_jsonl(tmp_path / "e.jsonl", [{"q": "c", "a": "3"}])

@@ -29,6 +29,7 @@ class EvalResult:
     samples: list[dict] = field(default_factory=list)  # the first greedy completions, with their scores
     episode: dict[str, float] = field(default_factory=dict)  # multi-turn: what the environment measures
     unseen_accuracy: float | None = None  # greedy, the held-out problems in phrasings never trained on
+    accuracy_by_kind: dict[str, float] = field(default_factory=dict)  # greedy, per Problem.kind
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -122,6 +123,10 @@ def evaluate(
             if len(kept) < num_samples_kept:
                 kept.append({"prompt": p.prompt, "answer": p.answer, "completion": text, "correct": hit})
     n = len(problems)
+    by_kind: dict[str, list[bool]] = {}
+    for problem, hit in zip(problems, correct, strict=True):
+        if problem.kind is not None:
+            by_kind.setdefault(problem.kind, []).append(hit)
     result = EvalResult(
         accuracy=sum(correct) / n,
         num_problems=n,
@@ -132,6 +137,7 @@ def evaluate(
         format_compliance=sum(formatted) / n,
         samples=kept,
         unseen_accuracy=unseen_accuracy,
+        accuracy_by_kind={kind: sum(hits) / len(hits) for kind, hits in sorted(by_kind.items())},
     )
     if num_samples > 0:
         per_chunk = max(1, batch_size // num_samples)

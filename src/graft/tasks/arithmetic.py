@@ -21,8 +21,16 @@ def _phrase(template: str | dict[str, str], a: int, op: str, b: int) -> str | No
     return None if text is None else text.format(a=a, b=b, op=op, op_word=_OP_WORDS[op])
 
 
+def problem_kind(a: int, op: str, b: int) -> str:
+    """What the evaluations break accuracy down by: the operation, and the sign of a difference (a small
+    model that has learned to subtract may still never answer below zero)."""
+    if op != "-":
+        return {"+": "addition", "*": "multiplication"}[op]
+    return "subtraction below 0" if a < b else "subtraction"
+
+
 def _problem(prompt: str, a: int, op: str, b: int) -> Problem:
-    return Problem(prompt=prompt, answer=str(_OPS[op](a, b)))
+    return Problem(prompt=prompt, answer=str(_OPS[op](a, b)), kind=problem_kind(a, op, b))
 
 
 SYSTEM = "Solve the arithmetic problem. End your reply with the final answer as a plain integer."

@@ -17,6 +17,7 @@ class Problem:
     prompt: str  # the user message
     answer: str  # gold answer, handed to rewards as the `answer` column
     columns: dict[str, Any] = field(default_factory=dict)  # extra dataset columns passed to rewards
+    kind: str | None = None  # a label evaluations break accuracy down by (arithmetic: operation and sign)
 
 
 @dataclass

@@ -96,7 +96,8 @@ def read_jsonl(path: Path, prompt_column: str, answer_column: str) -> list[Probl
             problems_found.append(f"{path}:{number}: {bad}")
             continue
         extra = {k: v for k, v in row.items() if k not in (prompt_column, answer_column)}
-        problems.append(Problem(str(row[prompt_column]), str(row[answer_column]), extra))
+        kind = row.get("kind") if isinstance(row.get("kind"), str) else None  # evaluations' breakdown
+        problems.append(Problem(str(row[prompt_column]), str(row[answer_column]), extra, kind=kind))
     if problems_found:
         raise _bad_rows(problems_found, str(path))
     if not problems:
