@@ -29,15 +29,26 @@ def test_a_kind_column_labels_problems_for_the_evaluation_breakdown(tmp_path):
         {"prompt": f"What is {i} + 1?", "answer": str(i + 1), "kind": "odd" if i % 2 else "even"}
         for i in range(6)
     ]
-    rows.append({"prompt": "What is 9 + 9?", "answer": "18", "kind": 3})  # not a label: ignored
+    rows.append({"prompt": "What is 9 + 9?", "answer": "18", "kind": 3})  # a level: labels as "3"
+    rows.append({"prompt": "What is 8 + 8?", "answer": "16", "kind": None})  # unlabelled
     task = build_task(TaskConfig(name="jsonl", path=str(write_jsonl(tmp_path / "d.jsonl", rows)), num_eval=2))
     kinds = {p.prompt: p.kind for p in task.train + task.eval}
     assert (
         kinds["What is 1 + 1?"] == "odd"
         and kinds["What is 4 + 1?"] == "even"
-        and kinds["What is 9 + 9?"] is None
+        and kinds["What is 9 + 9?"] == "3"
+        and kinds["What is 8 + 8?"] is None
     )
     assert "kind" in task.reward_inputs(task.train[:1])[1]  # still a column the rewards can read
+
+
+@pytest.mark.parametrize("kind", [["a"], {"x": 1}, 0.5, True, ""])
+def test_a_kind_that_cannot_label_is_a_bad_line_naming_it(tmp_path, kind):
+    rows = [{"prompt": f"What is {i} + 1?", "answer": str(i + 1)} for i in range(6)]
+    rows.insert(2, {"prompt": "What is 9 + 9?", "answer": "18", "kind": kind})
+    path = write_jsonl(tmp_path / "d.jsonl", rows)
+    with pytest.raises(ConfigError, match=r"d\.jsonl:3: 'kind' is .*give text or a whole number"):
+        build_task(TaskConfig(name="jsonl", path=str(path), num_eval=2))
 
 
 def test_jsonl_eval_file_and_column_mapping(tmp_path):

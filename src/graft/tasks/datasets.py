@@ -56,6 +56,22 @@ def row_problem(prompt, answer, prompt_column: str, answer_column: str) -> str |
     return None
 
 
+def kind_label(value) -> tuple[str | None, str | None]:
+    """(the label a row's `kind` gives the evaluations' accuracy breakdown, why it cannot be one). Text and
+    whole numbers (a MATH-style level 1-5) label; null or no `kind` leaves the row unlabelled."""
+    if value is None:
+        return None, None
+    if isinstance(value, str) and value.strip():
+        return value, None
+    if isinstance(value, int) and not isinstance(value, bool):
+        return str(value), None
+    shown = f"{type(value).__name__} {json.dumps(value)[:40]}"
+    return None, (
+        f"'kind' is {shown}; it labels the problem for the accuracy breakdown, so give text or a whole "
+        "number (or rename the column if only your rewards read it)"
+    )
+
+
 def _bad_rows(problems_found: list[str], where: str) -> ConfigError:
     shown = "\n".join(f"    {p}" for p in problems_found[:10])
     more = f"\n    ... and {len(problems_found) - 10} more" if len(problems_found) > 10 else ""
@@ -95,8 +111,11 @@ def read_jsonl(path: Path, prompt_column: str, answer_column: str) -> list[Probl
         if bad:
             problems_found.append(f"{path}:{number}: {bad}")
             continue
+        kind, bad = kind_label(row.get("kind"))
+        if bad:
+            problems_found.append(f"{path}:{number}: {bad}")
+            continue
         extra = {k: v for k, v in row.items() if k not in (prompt_column, answer_column)}
-        kind = row.get("kind") if isinstance(row.get("kind"), str) else None  # evaluations' breakdown
         problems.append(Problem(str(row[prompt_column]), str(row[answer_column]), extra, kind=kind))
     if problems_found:
         raise _bad_rows(problems_found, str(path))
