@@ -107,11 +107,8 @@ def read_jsonl(path: Path, prompt_column: str, answer_column: str) -> list[Probl
                 f"'{prompt_column}' and '{answer_column}' (set task.prompt_column / task.answer_column)"
             )
             continue
-        bad = row_problem(row[prompt_column], row[answer_column], prompt_column, answer_column)
-        if bad:
-            problems_found.append(f"{path}:{number}: {bad}")
-            continue
-        kind, bad = kind_label(row.get("kind"))
+        kind, bad_kind = kind_label(row.get("kind"))
+        bad = row_problem(row[prompt_column], row[answer_column], prompt_column, answer_column) or bad_kind
         if bad:
             problems_found.append(f"{path}:{number}: {bad}")
             continue
