@@ -239,6 +239,35 @@ def data_parallel_problems(cfg: Config, world: int) -> list[str]:
     return problems
 
 
+def fsdp_problems(cfg: Config, world: int) -> list[str]:
+    """What keeps `cfg` from training sharded over `world` processes (train.fsdp, graft.training.fsdp)."""
+    from graft.tasks import environment_spec
+
+    if not cfg.train.fsdp:
+        return []
+    problems = []
+    if world < 2:
+        problems.append(
+            "'train.fsdp': sharding needs several processes; launch with `graft train --nproc N` (N >= 2) "
+            "or torchrun, or set train.fsdp=false"
+        )
+    if cfg.lora.enabled:
+        problems.append(
+            "'train.fsdp': shards full fine-tuning only (a LoRA adapter is small enough to keep whole on "
+            "every rank); set lora.enabled=false, or leave train.fsdp=false for data-parallel LoRA (with "
+            "model.quantization=4bit for a base too large for one device)"
+        )
+    if cfg.model.quantization != "none":
+        problems.append(
+            "'train.fsdp': bitsandbytes' quantized weights are not sharded; set model.quantization=none"
+        )
+    if environment_spec(cfg.task) is not None:
+        problems.append(
+            "'train.fsdp': multi-turn episodes are not sharded yet; train them with train.fsdp=false"
+        )
+    return problems
+
+
 def _check(cfg: Config, estimate: bool = True, world: int = 1) -> Checked:
     from graft.checks.calls import gate_problem, reward_signature_problem
     from graft.envs.loading import load_environment
@@ -255,7 +284,7 @@ def _check(cfg: Config, estimate: bool = True, world: int = 1) -> Checked:
     from graft.tasks import build_task, environment_spec
     from graft.training.run import RunDir, RunDirError
 
-    problems: list[str] = data_parallel_problems(cfg, world)
+    problems: list[str] = data_parallel_problems(cfg, world) + fsdp_problems(cfg, world)
     notes: list[str] = []
     task, rewards = None, {}
     try:

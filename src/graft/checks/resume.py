@@ -19,6 +19,7 @@ FIXED = {
     "model.adapter": "the run's starting weights include that adapter",
     "model.trust_remote_code": "the model's code is part of what was trained",
     "lora.enabled": "the checkpoint is an adapter (or a full model), not the other",
+    "train.fsdp": "the checkpoint's optimizer state is keyed for sharded (or whole) parameters",
     "lora.r": "the adapter's tensors have that shape",
     "lora.target_modules": "the adapter has layers for those modules",
     "lora.alpha": "the adapter's scale would change its trained weights' effect",

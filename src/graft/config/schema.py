@@ -370,6 +370,11 @@ class TrainConfig(_Section):
         description="recompute each layer's activations during backward instead of keeping them: far less "
         "memory for big models on GPUs, about a third more compute",
     )
+    fsdp: bool = Field(
+        False,
+        description="full fine-tuning with several processes: shard weights, gradients and AdamW state over "
+        "them (torch FSDP2) instead of a whole copy on each; rollouts gather the full weights",
+    )
     replay: bool = Field(
         True,
         description="at mu = 1, backpropagate through the activations the rollout computed instead of a "

@@ -128,13 +128,15 @@ def plan_fast_paths(
                 )
     quantized = cfg.model.quantization != "none"
     episodes = environment_spec(cfg.task) is not None
-    if quantized or episodes:  # bitsandbytes' layers compute from their packed weights; episodes need the
-        # model's own cache across turns (graft.rollout.episodes): no sampling copy, no replay
-        off = (
-            f"off: model.quantization={cfg.model.quantization} (bitsandbytes weights)"
-            if quantized
-            else "off: multi-turn episodes sample through the model (graft.rollout.episodes)"
-        )
+    if quantized or episodes or t.fsdp:  # bitsandbytes' layers compute from their packed weights; episodes
+        # need the model's own cache across turns (graft.rollout.episodes); FSDP's weights are shards
+        # gathered per rollout (graft.training.fsdp): no sampling copy, no replay
+        if quantized:
+            off = f"off: model.quantization={cfg.model.quantization} (bitsandbytes weights)"
+        elif episodes:
+            off = "off: multi-turn episodes sample through the model (graft.rollout.episodes)"
+        else:
+            off = "off: train.fsdp samples the gathered shards through the model (graft.training.fsdp)"
         why = {"packed weights": off, "graft decoder": off, "replayed update": off}
         return FastPaths(device.type, policy_dtype, policy_dtype, False, False, False, False, why, problems)
     sampling_copy = (gen.pack_weights and cpu) or sampling_dtype != policy_dtype

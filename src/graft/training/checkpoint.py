@@ -4,6 +4,7 @@ so an interrupted save never looks like a good checkpoint."""
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import random
 import shutil
@@ -63,14 +64,15 @@ def atomic_dir(
     return target
 
 
-def save_model(model, tokenizer, target: Path) -> Path:
-    """The adapter (LoRA) or the full model, with the tokenizer, loadable by PEFT / transformers."""
+def save_model(model, tokenizer, target: Path, state_dict: dict | None = None) -> Path:
+    """The adapter (LoRA) or the full model, with the tokenizer, loadable by PEFT / transformers.
+    `state_dict`: the weights to write instead of the model's own (a sharded model's, gathered)."""
 
-    return atomic_dir(target, lambda tmp: _write_model(model, tokenizer, tmp))
+    return atomic_dir(target, lambda tmp: _write_model(model, tokenizer, tmp, state_dict))
 
 
-def _write_model(model, tokenizer, folder: Path) -> None:
-    model.save_pretrained(folder)
+def _write_model(model, tokenizer, folder: Path, state_dict: dict | None = None) -> None:
+    model.save_pretrained(folder, state_dict=state_dict)
     if tokenizer is not None:
         tokenizer.save_pretrained(folder)
 
@@ -86,15 +88,19 @@ def save_checkpoint(
     trainer_state: dict[str, Any],
     generator: torch.Generator | None,
     keep_last_n: int,
+    model_state: dict | None = None,
+    optimizer_state: dict | None = None,
 ) -> Path:
-    """Everything needed to continue the run at `step`: weights, optimizer, scheduler, data position, RNGs."""
+    """Everything needed to continue the run at `step`: weights, optimizer, scheduler, data position, RNGs.
+    `model_state`, `optimizer_state`: a sharded model's, gathered (graft.training.fsdp), written instead
+    of the model's and optimizer's own; the optimizer's is then keyed by parameter name."""
 
     def write(tmp: Path) -> None:
-        _write_model(model, tokenizer, tmp)
+        _write_model(model, tokenizer, tmp, model_state)
         torch.save(
             {
                 "step": step,
-                "optimizer": optimizer.state_dict(),
+                "optimizer": optimizer.state_dict() if optimizer_state is None else optimizer_state,
                 "scheduler": scheduler.state_dict(),
                 "trainer_state": trainer_state,
                 "rng": rng_state(generator),
@@ -193,6 +199,20 @@ def prune_checkpoints(checkpoints_dir: Path, keep_last_n: int) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
+def read_weights(folder: Path) -> dict[str, torch.Tensor]:
+    """A full model's weights as save_pretrained wrote them: model.safetensors, or the shards its index
+    names (a model above save_pretrained's shard size)."""
+    from safetensors.torch import load_file
+
+    index = folder / "model.safetensors.index.json"
+    if not index.is_file():
+        return load_file(folder / "model.safetensors")
+    weights = {}
+    for name in sorted(set(json.loads(index.read_text())["weight_map"].values())):
+        weights.update(load_file(folder / name))
+    return weights
+
+
 def restore_checkpoint(
     checkpoint: Path, state: dict, policy, optimizer, scheduler, order, generator, rank: int = 0
 ) -> None:
@@ -200,15 +220,21 @@ def restore_checkpoint(
     (data-parallel runs: this rank's RNGs; a rank the checkpoint did not have starts from the main's)."""
     from safetensors.torch import load_file
 
+    from graft.training.fsdp import is_sharded, load_full_state
+
+    sharded = is_sharded(policy)
     try:
         if hasattr(policy, "peft_config"):
             from peft import set_peft_model_state_dict
 
             set_peft_model_state_dict(policy, load_file(checkpoint / "adapter_model.safetensors"))
         else:
-            missing, unexpected = policy.load_state_dict(
-                load_file(checkpoint / "model.safetensors"), strict=False
-            )
+            if sharded:  # every rank reads the whole checkpoint and keeps its shards
+                missing, unexpected = load_full_state(
+                    policy, optimizer, read_weights(checkpoint), state["optimizer"]
+                )
+            else:
+                missing, unexpected = policy.load_state_dict(read_weights(checkpoint), strict=False)
             if unexpected or [k for k in missing if "lm_head" not in k]:  # a tied head is saved once
                 raise CheckpointError(
                     f"checkpoint {checkpoint} does not match the model: missing {missing[:3]}"
@@ -220,7 +246,8 @@ def restore_checkpoint(
             f"cannot restore the weights of {checkpoint} ({_reason(exc)}); resume with the run's own "
             "config (see its config.yaml) or from an earlier checkpoint (resume=<path>)"
         ) from exc
-    optimizer.load_state_dict(state["optimizer"])
+    if not sharded:
+        optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     order.restore(state["trainer_state"]["order"])
     ranks_rng = state["trainer_state"].get("rank_rng") or [state["rng"]]

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+from torch.distributed.tensor import DTensor
 
 
 @dataclass(frozen=True)
@@ -64,7 +65,8 @@ class Ranks:
     def sum_gradients(self, params: list[torch.nn.Parameter]) -> None:
         """Add every rank's .grad into every rank's, in one flat buffer (LoRA factors: a few MB). A rank
         whose parameter got no gradient contributes zeros, so each rank joins the same collective."""
-        if self.world == 1:
+        params = [p for p in params if not isinstance(p, DTensor)]  # FSDP's backward has summed those
+        if self.world == 1 or not params:
             return
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
         flat = torch.cat([g.reshape(-1).float() for g in grads])
@@ -104,6 +106,11 @@ class Ranks:
 
 
 SINGLE = Ranks()
+
+
+def full_tensor(x: torch.Tensor) -> torch.Tensor:
+    """A plain tensor of a possibly sharded one (under FSDP, clip_grad_norm_ returns the norm as one)."""
+    return x.full_tensor() if isinstance(x, DTensor) else x
 
 
 def launched_world() -> int:

@@ -24,8 +24,9 @@ from graft.kv_cache import cache_kwargs, output_cache
 from graft.models import plain_linear_head, split_lm_head
 from graft.rollout.sampler import position_ids_from_mask
 from graft.tasks import Problem
-from graft.training.distributed import SINGLE, Ranks, reduce_metrics
+from graft.training.distributed import SINGLE, Ranks, full_tensor, reduce_metrics
 from graft.training.episodes import play_and_score
+from graft.training.fsdp import full_weights, is_sharded
 from graft.training.records import PhaseTimer, step_metrics
 from graft.training.scoring import score_rollout
 from graft.training.setup import StepSetup
@@ -211,7 +212,8 @@ def sample_groups(setup: StepSetup, problems: list[Problem], for_update: bool = 
     )
     if setup.fast_path is not None:
         return setup.fast_path.sample(setup.policy, prompts, for_update=for_update, **options)
-    return setup.backend.sample(setup.policy, prompts, **options)
+    with full_weights(setup.policy):  # train.fsdp: each rank samples from the gathered shards
+        return setup.backend.sample(setup.policy, prompts, **options)
 
 
 # --------------------------------------------------------------------------------------------- log-probs
@@ -244,10 +246,19 @@ def completion_logprobs(
     the prompt's keys and values through the repeat. Positions skip left padding as in the sampler, so the
     log-probs match the sampler's.
     """
-    body, head = split_lm_head(model)
     P = prompt_ids.shape[1]
     attention_mask = torch.cat([prompt_mask, completion_mask], dim=1)
     positions = position_ids_from_mask(attention_mask)
+    if is_sharded(model):  # train.fsdp: FSDP gathers the weights in the model's own forward, nowhere else
+        logits = model(
+            input_ids=torch.cat([prompt_ids, completion_ids], dim=1),
+            attention_mask=attention_mask,
+            position_ids=positions,
+            use_cache=False,
+            logits_to_keep=completion_ids.shape[1] + 1,
+        ).logits[:, :-1]  # (B, T, V): position P - 1 + t predicts completion token t
+        return algo.token_logprobs(logits, completion_ids, temperature)
+    body, head = split_lm_head(model)
     starts, counts = prompt_runs(prompt_ids, prompt_mask) if share_prompts else (None, None)
     if starts is None or len(starts) == prompt_ids.shape[0]:
         hidden = body(
@@ -460,7 +471,7 @@ def update_policy(
             clip_fractions.extend(out.clip_fraction for out in outs)
             mismatches.extend(out.sampler_metrics for out in outs if out.sampler_metrics)
             kls.extend(out.kl for out in outs if out.kl is not None)
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+            grad_norm = full_tensor(torch.nn.utils.clip_grad_norm_(params, max_norm))
             if torch.isfinite(step_loss) and torch.isfinite(grad_norm):
                 optimizer.step()
                 scheduler.step()

@@ -36,6 +36,7 @@ from graft.training.checkpoint import (
 )
 from graft.training.distributed import SINGLE, Ranks, init_ranks, rank_device
 from graft.training.episodes import evaluate_episodes
+from graft.training.fsdp import full_weights, gathered_model_state, gathered_state, is_sharded, shard
 from graft.training.gate import GateError, run_gate
 from graft.training.grpo import grpo_step
 from graft.training.records import completion_rows
@@ -91,6 +92,9 @@ def setup_training(
     # non-reentrant checkpointing: needs no gradient on the (frozen) embeddings' output
     if cfg.train.gradient_checkpointing:
         policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if cfg.train.fsdp:  # before the optimizer: it holds this rank's shards only
+        policy = shard(policy, ranks)
+        ref_model = ref_model and shard(ref_model, ranks)
     # the config's plan, settled for this model
     paths = plan_fast_paths(cfg, device, model=policy, world=ranks.world)
     replay = paths.why.get("replayed update", "on")
@@ -204,12 +208,17 @@ class Bookkeeping:
             "health": self.health.state(),
             "config": self.cfg.model_dump(mode="json"),
         }
-        if setup.ranks.world > 1:  # the weights are the same everywhere; each rank's random state is its own
+        if setup.ranks.world > 1:  # each rank's random state is its own
             trainer_state["rank_rng"] = setup.ranks.gather_objects(rng_state(setup.generator))
+        if setup.ranks.world > 1 and not is_sharded(setup.policy):  # replicated: the same weights everywhere
             sums = setup.ranks.gather_objects([float(p.detach().double().sum()) for p in setup.params])
             trainer_state["rank_weight_sums"] = sums
             if any(s != sums[0] for s in sums):  # summed gradients keep them equal; anything else is a bug
                 raise TrainingError(f"step {step}: the processes' weights differ ({sums[0][:3]} vs others)")
+        # train.fsdp: every rank sends its shards to the main rank, which writes them whole
+        model_state, optimizer_state = (
+            gathered_state(setup.policy, setup.optimizer) if is_sharded(setup.policy) else (None, None)
+        )
         if not setup.ranks.main:
             setup.ranks.barrier()  # the main rank writes; the others wait until the checkpoint is whole
             return
@@ -223,6 +232,8 @@ class Bookkeeping:
             trainer_state=trainer_state,
             generator=setup.generator,
             keep_last_n=self.cfg.checkpoint.keep_last_n,
+            model_state=model_state,
+            optimizer_state=optimizer_state,
         )
         setup.ranks.barrier()
 
@@ -262,9 +273,10 @@ class Bookkeeping:
             )
         final_eval_follows = cfg.eval.at_end and last
         if cfg.eval.every_n_steps and step % cfg.eval.every_n_steps == 0 and not final_eval_follows:
-            if self.setup.ranks.main:  # one evaluation for the run; the other ranks wait for it
-                metrics["eval/accuracy"] = self.evaluate(f"step_{step}", step)
-            self.setup.ranks.barrier()
+            with full_weights(self.setup.policy):
+                if self.setup.ranks.main:  # one evaluation for the run; the other ranks wait for it
+                    metrics["eval/accuracy"] = self.evaluate(f"step_{step}", step)
+                self.setup.ranks.barrier()
         every = cfg.checkpoint.every_n_steps
         if last or stopping or (every and step % every == 0):
             self.checkpoint(step)
@@ -350,22 +362,25 @@ def train(cfg: Config, console=None, stop_after: int | None = None) -> Path:
             display.print("[dim]gate: not run for multi-turn tasks (it probes single completions)[/dim]")
         elif cfg.gate.enabled and state is None:
             gate_failure = None
-            if ranks.main:  # one probe decides for every rank
-                try:
-                    run_gate(setup, correctness_runtime, run, display)
-                except GateError as exc:
-                    gate_failure = exc
-                finally:
-                    report_reward_failures(setup.rewards, display)
-            if gate_failure := ranks.broadcast(gate_failure):
+            with full_weights(setup.policy):
+                if ranks.main:  # one probe decides for every rank
+                    try:
+                        run_gate(setup, correctness_runtime, run, display)
+                    except GateError as exc:
+                        gate_failure = exc
+                    finally:
+                        report_reward_failures(setup.rewards, display)
+                gate_failure = ranks.broadcast(gate_failure)
+            if gate_failure:
                 raise gate_failure
         if cfg.eval.at_start and state is None:
             display.print("evaluating the starting model on the held-out split ...")
-            if ranks.main:
-                accuracy = books.evaluate("before", 0)
-                display.print(f"held-out accuracy before training: {accuracy:.3f}")
-                books.tracker.write({"step": 0, "eval/accuracy": accuracy})
-            ranks.barrier()
+            with full_weights(setup.policy):
+                if ranks.main:
+                    accuracy = books.evaluate("before", 0)
+                    display.print(f"held-out accuracy before training: {accuracy:.3f}")
+                    books.tracker.write({"step": 0, "eval/accuracy": accuracy})
+                ranks.barrier()
         display.start(books.first_step - 1)
         step = books.first_step - 1
         with StopRequest(cfg.train.stop_timeout) as stop:
@@ -380,12 +395,14 @@ def train(cfg: Config, console=None, stop_after: int | None = None) -> Path:
                 if last:
                     break
         display.close()
-        if ranks.main:
-            save_model(setup.policy, setup.tokenizer, run.path / "final")
-            if cfg.eval.at_end:
-                accuracy = books.evaluate("after", step)
-                books.tracker.write({"step": step, "eval/accuracy": accuracy})
-        ranks.barrier()
+        final_state = gathered_model_state(setup.policy) if is_sharded(setup.policy) else None
+        with full_weights(setup.policy):
+            if ranks.main:
+                save_model(setup.policy, setup.tokenizer, run.path / "final", final_state)
+                if cfg.eval.at_end:
+                    accuracy = books.evaluate("after", step)
+                    books.tracker.write({"step": step, "eval/accuracy": accuracy})
+            ranks.barrier()
     except BaseException:
         if ranks.main:
             with contextlib.suppress(Exception):  # best effort: the error that stopped the run matters more
