@@ -1,5 +1,6 @@
-"""The README's memory table: graft's own estimator (graft validate --gpu-memory) for the models our users
-train, from their published shapes alone (no weights, no network). An estimate until measured on the GPU.
+"""The README's memory tables: graft's own estimator (graft validate --gpu-memory [--nproc N]) for the
+models our users train, from their published shapes alone (no weights, no network): LoRA on one GPU, and
+full fine-tuning sharded over N GPUs (train.fsdp). An estimate until measured on the GPU.
 
     python benchmarks/memory_plan.py            # prints a Markdown table
 """
@@ -39,6 +40,8 @@ RECIPE = [  # LoRA r16 on every linear layer, G = 8, 512 new tokens, the GPU set
     "generation.merge_adapter=false",
 ]
 GPUS = (16, 24, 80)
+FULL = ["lora.enabled=false", *[o for o in RECIPE if not o.startswith(("lora.", "generation.merge"))]]
+FSDP_GPUS = (1, 2, 4, 8)  # processes, one per 80 GB GPU; train.fsdp from 2 on
 
 
 def main() -> int:
@@ -57,8 +60,24 @@ def main() -> int:
                     est, verdict = plan_for_gpu(cfg, gib * 1e9 / 2**30 * 0.93)
                     verdicts.append("fits" if verdict.startswith("fits") else "no")
                 rows.append(f"| {name} | {label} | {est.total / 2**30:.1f} | " + " | ".join(verdicts) + " |")
+        print("\n".join(rows))
+        print(f"\nrecipe: {' '.join(RECIPE)}; graft's estimate, not a measurement\n")
+        rows = ["| model, full fine-tuning bf16 | " + " | ".join(f"{n} x 80 GB" for n in FSDP_GPUS) + " |"]
+        rows.append("|---|" + "---|" * len(FSDP_GPUS))
+        for name in SHAPES:
+            folder = Path(tmp) / name.split()[0]
+            cells = []
+            for n in FSDP_GPUS:
+                overrides = [f"model.name={folder}", *FULL, f"train.prompts_per_step={max(2, n)}"]
+                cfg = load_config(None, overrides + (["train.fsdp=true"] if n > 1 else []))
+                est, verdict = plan_for_gpu(cfg, 80e9 / 2**30 * 0.93, world=n)
+                cells.append(
+                    f"{'fits' if verdict.startswith('fits') else 'no'} ({est.total / 2**30:.0f} GiB)"
+                )
+            rows.append(f"| {name} | " + " | ".join(cells) + " |")
     print("\n".join(rows))
-    print(f"\nrecipe: {' '.join(RECIPE)}; graft's estimate, not a measurement")
+    print(f"\nrecipe: {' '.join(FULL)}, train.fsdp=true on 2 GPUs and more, prompts_per_step = max(2, N); "
+          "GiB per GPU, graft's estimate, not a measurement")  # fmt: skip
     return 0
 
 

@@ -42,11 +42,11 @@ def cmd_validate(args: argparse.Namespace, console: Console) -> int:
     from graft.validate import plan_for_gpu, validate_or_raise
 
     if args.gpu_memory is not None:  # a plan for another machine: only the memory question applies
-        _, verdict = plan_for_gpu(cfg, args.gpu_memory)
+        _, verdict = plan_for_gpu(cfg, args.gpu_memory, world=args.nproc)
         console.print(("[green]" if verdict.startswith("fits") else "[red]") + escape(verdict) + "[/]")
         console.print("[dim](an estimate from the model's shape, until measured on that GPU)[/dim]")
         return 0 if verdict.startswith("fits") else 1
-    checked = validate_or_raise(cfg)
+    checked = validate_or_raise(cfg, world=args.nproc)
     memory = checked.memory
     console.print("[green]config OK[/green]" + (f"; memory estimate: {memory.describe()}" if memory else ""))
     for line in checked.paths.report_lines() if checked.paths else []:
@@ -128,6 +128,13 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         metavar="GIB",
         help="instead: estimate whether the recipe fits a CUDA GPU with this many GiB (exit 1 if not)",
+    )
+    validate.add_argument(
+        "--nproc",
+        type=count(1),
+        default=1,
+        help="check the recipe for this many processes (graft train --nproc N; per-GPU memory with "
+        "--gpu-memory, sharded by train.fsdp)",
     )
     validate.set_defaults(func=cmd_validate)
 

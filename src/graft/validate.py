@@ -87,10 +87,12 @@ def estimate_memory(
     paths: FastPaths,
     prompt_tokens: int | None = None,
     available: int | None = None,
+    world: int = 1,
 ) -> MemoryEstimate:
     """`paths`: the run's plan (graft.cpu.plan) for this model config: which copies and recordings exist.
     `prompt_tokens`: the longest prompt, chat template included (graft.checks.prompts); unknown: 256.
-    `available`: the bytes to compare against (default: what the device has free now)."""
+    `available`: the bytes to compare against (default: what the device has free now). `world`: the
+    processes; with train.fsdp each holds 1/world of the weights, gradients, Adam and reference."""
     from graft.models import resolve_dtype
 
     dtype_bytes = torch.finfo(resolve_dtype(cfg.model.dtype, device)).bits // 8
@@ -103,7 +105,7 @@ def estimate_memory(
     vocab = config.vocab_size
     prompt = prompt_tokens or 256  # a batch is padded to its longest prompt: count the longest there is
     tokens = prompt + cfg.generation.max_new_tokens
-    batch = cfg.train.prompts_per_step * cfg.grpo.num_generations
+    batch = max(cfg.train.prompts_per_step // world, 1) * cfg.grpo.num_generations  # each process: its share
     micro = min(cfg.train.micro_batch_size, batch)
 
     linear_params = sum(i * o for i, o in linears.values())
@@ -125,6 +127,11 @@ def estimate_memory(
         parts["grads + Adam"] = n_params * (4 + 8)
         if cfg.grpo.beta > 0:
             parts["reference copy"] = n_params * dtype_bytes
+    if cfg.train.fsdp and world > 1:  # graft.training.fsdp: shards, and the whole weights while sampling
+        for key in ("weights", "grads + Adam", "reference copy"):
+            if key in parts:
+                parts[key] //= world
+        parts["gathered weights"] = n_params * dtype_bytes
     parts["rollout KV + logits"] = batch * (tokens * layers * 2 * kv_dim * dtype_bytes + vocab * 16)
     # a group's completions share one encoding of their prompt (rollout and training pass alike)
     groups = min(micro, -(-micro // cfg.grpo.num_generations) + (micro % cfg.grpo.num_generations > 0))
@@ -148,6 +155,8 @@ def estimate_memory(
             shared = 0 if replays else parts["activations"]
             parts["sampling copy"] = kept * copy_bytes + max(0, rebuilt * copy_bytes - shared)
     parts["log-prob chunks"] = 512 * vocab * 4 * 3
+    if cfg.train.fsdp and world > 1:  # through the model's own forward: a micro-batch's logits at once
+        parts["log-prob chunks"] = micro * (cfg.generation.max_new_tokens + 1) * vocab * 4 * 3
     if device.type == "cpu":
         parts["runtime"] = 600 * 1024**2  # Python, torch, tokenizer
     elif device.type == "cuda":
@@ -171,7 +180,9 @@ def _memory_advice(est: MemoryEstimate, cfg: Config) -> str:
         + " (activations grow with micro_batch_size x tokens)",
         "rollout KV + logits": "lower train.prompts_per_step or grpo.num_generations",
         "merged copy": "set generation.merge_adapter=false",
-        "grads + Adam": "train a LoRA adapter (lora.enabled=true) or pick a smaller model",
+        "grads + Adam": "train a LoRA adapter (lora.enabled=true), shard over more processes (train.fsdp) "
+        "or pick a smaller model",
+        "gathered weights": "model.dtype=bfloat16 (each process gathers the whole model to sample)",
         "reference copy": "use LoRA (its reference costs nothing) or grpo.beta=0",
         "weights": "pick a smaller model"
         + (
@@ -387,12 +398,14 @@ def _check(cfg: Config, estimate: bool = True, world: int = 1) -> Checked:
         paths = plan_fast_paths(cfg, device, config, world=world)
         problems.extend(paths.problems)
     if config is not None:
-        est = estimate_memory(cfg, config, n_params, linears, device, paths, prompt_tokens)
+        est = estimate_memory(cfg, config, n_params, linears, device, paths, prompt_tokens, world=world)
         if est.available and est.total > 0.95 * est.available:
             problems.append(f"not enough memory: a step needs {est.describe()}; {_memory_advice(est, cfg)}")
         free = shutil.disk_usage(out).free
         per_checkpoint = est.parts.get("adapter + Adam", 0) + est.parts.get("grads + Adam", 0)
         per_checkpoint += 0 if cfg.lora.enabled else est.parts["weights"]
+        if cfg.train.fsdp:  # the main rank writes every rank's shards
+            per_checkpoint *= world
         needed = per_checkpoint * (cfg.checkpoint.keep_last_n + 2)
         if needed > free:
             problems.append(
@@ -431,14 +444,16 @@ def validate_or_raise(cfg: Config, world: int = 1) -> Checked:
     return checked
 
 
-def plan_for_gpu(cfg: Config, gpu_gib: float) -> tuple[MemoryEstimate, str]:
+def plan_for_gpu(cfg: Config, gpu_gib: float, world: int = 1) -> tuple[MemoryEstimate, str]:
     """(estimate, verdict) for running `cfg` on a CUDA GPU with `gpu_gib` GiB, from anywhere: a planning
     question (`graft validate --gpu-memory 24`), answered from the model's config.json alone. model.dtype
-    auto counts as bfloat16, as it loads on a GPU that has it."""
+    auto counts as bfloat16, as it loads on a GPU that has it. `world`: processes, one per such GPU."""
     from graft.models import ModelError, model_location_problem, resolve_model_path
 
     if problem := model_location_problem(cfg.model.name):
         raise ConfigError(f"'model.name': {problem}")
+    if problems := fsdp_problems(cfg, world):
+        raise ConfigError("; ".join(problems))
     if cfg.model.dtype == "auto":
         cfg = cfg.model_copy(deep=True)
         cfg.model.dtype = "bfloat16"
@@ -450,9 +465,13 @@ def plan_for_gpu(cfg: Config, gpu_gib: float) -> tuple[MemoryEstimate, str]:
             "plan needs only its config.json: point model.name at a folder that holds it"
         ) from exc
     device = torch.device("cuda")
-    paths = plan_fast_paths(cfg, device, config)
-    est = estimate_memory(cfg, config, n_params, linears, device, paths, available=int(gpu_gib * GiB))
+    paths = plan_fast_paths(cfg, device, config, world=world)
+    est = estimate_memory(
+        cfg, config, n_params, linears, device, paths, available=int(gpu_gib * GiB), world=world
+    )
     label = f"{cfg.model.name} ({n_params / 1e9:.1f}B parameters, {cfg.model.dtype}, quantization {cfg.model.quantization})"
+    if world > 1:
+        label += f", per GPU of {world}" + (" (train.fsdp: sharded)" if cfg.train.fsdp else "")
     if est.total <= 0.95 * est.available:
         return est, f"fits: {label} needs {est.describe()}"
     return est, f"does not fit: {label} needs {est.describe()}; {_memory_advice(est, cfg)}"
