@@ -155,8 +155,6 @@ def estimate_memory(
             shared = 0 if replays else parts["activations"]
             parts["sampling copy"] = kept * copy_bytes + max(0, rebuilt * copy_bytes - shared)
     parts["log-prob chunks"] = 512 * vocab * 4 * 3
-    if cfg.train.fsdp and world > 1:  # through the model's own forward: a micro-batch's logits at once
-        parts["log-prob chunks"] = micro * (cfg.generation.max_new_tokens + 1) * vocab * 4 * 3
     if device.type == "cpu":
         parts["runtime"] = 600 * 1024**2  # Python, torch, tokenizer
     elif device.type == "cuda":

@@ -83,10 +83,9 @@ def test_sharded_gradients_equal_one_process_on_the_same_batch(tiny_model_dir, t
     assert torch.equal(sharded.pop("logits"), logits)  # the gathered weights are the model's, bit for bit
     assert sharded.keys() == single.keys() and len(single) > 10  # every weight of the model is trained
     for name, g in single.items():
-        # float32 both; the sharded update takes the logits through the model's own forward and
-        # log-softmax where one process fuses the head (graft.algo.linear_token_logprobs) and encodes each
-        # group's prompt once, and two ranks' partial sums are added: float32 reductions of a few hundred
-        # terms in another order, a few ulps each (measured here: at most 3e-8 on gradients up to 0.14)
+        # the same float32 pass on the same weights; each rank's half of the groups, and two partial
+        # sums added where one process sums once: a few ulps (measured here: at most 1.5e-8 on
+        # gradients up to 0.14)
         assert torch.allclose(sharded[name], g, rtol=1e-5, atol=1e-7), (loss_type, name)
     assert sum(float(g.abs().sum()) for g in single.values()) > 0
 
@@ -114,7 +113,7 @@ def test_sharded_run_matches_the_replicated_run_resumes_exactly_and_loads(tiny_m
     assert sharded.keys() == replicated.keys() == start.keys()  # the tied head written once, as HF does
     assert max(float((sharded[k] - start[k]).abs().max()) for k in start) > 1e-3  # it trained
     for k in start:
-        # the same samples and float32 updates; the update's reductions run in another order (see the
+        # the same samples and float32 updates; the gradients' sums run in another order (see the
         # gradient test), and clipping (max_grad_norm 0.05, active every step) takes a norm over shards
         # instead of whole tensors: three Adam steps of lr 0.01 keep the weights within a few 1e-7
         assert torch.allclose(sharded[k], replicated[k], rtol=1e-5, atol=1e-6), k

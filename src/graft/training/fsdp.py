@@ -15,7 +15,9 @@ fit one device. Everything collective lives here; the loop and the step call the
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+import functools
+import types
+from collections.abc import Callable, Iterator
 
 import torch
 from torch.distributed.checkpoint.state_dict import (
@@ -25,7 +27,7 @@ from torch.distributed.checkpoint.state_dict import (
     set_model_state_dict,
     set_optimizer_state_dict,
 )
-from torch.distributed.fsdp import FSDPModule, fully_shard
+from torch.distributed.fsdp import FSDPModule, fully_shard, register_fsdp_forward_method
 
 from graft.training.distributed import Ranks
 
@@ -49,19 +51,32 @@ def _layers(model: torch.nn.Module) -> list[torch.nn.Module]:
 
 def shard(model: torch.nn.Module, ranks: Ranks) -> torch.nn.Module:
     """Shard `model` in place over every rank: one FSDP unit per decoder layer, the rest (embeddings, final
-    norm, head: a tied head and its embedding are one weight) in the outermost unit. FSDP gathers and
-    frees weights around forwards of the units, so a sharded model is only ever called through its own
-    forward (graft.training.grpo.completion_logprobs). Gradients are summed, not averaged."""
+    norm, head: a tied head and its embedding are one weight) in the outermost unit. Gradients are summed,
+    not averaged. FSDP gathers and frees a unit's weights around its forward only, so code that reaches
+    into the model (the update's body-then-head pass) runs through `as_forward`."""
     from torch.distributed.device_mesh import init_device_mesh
 
     mesh = init_device_mesh(ranks.device.type, (ranks.world,))
     for layer in _layers(model):
         fully_shard(layer, mesh=mesh)
     fully_shard(model, mesh=mesh)
+    model._graft_forward = types.MethodType(_call, model)
+    register_fsdp_forward_method(model, "_graft_forward")
     for unit in _units(model):
         unit.set_gradient_divide_factor(1.0)
         unit.set_force_sum_reduction_for_comms(True)  # a plain sum: gloo has no pre-multiplied one
     return model
+
+
+def _call(model, fn, *args, **kwargs):
+    return fn(*args, **kwargs)
+
+
+def as_forward(model: torch.nn.Module, fn: Callable) -> Callable:
+    """`fn` itself, or for a sharded model `fn` run as the model's forward: FSDP gathers the outermost
+    unit's weights (embeddings, norm, head) before it and sums their gradients after backward, as it does
+    around model(...); the decoder layers' own forwards gather theirs."""
+    return functools.partial(model._graft_forward, fn) if is_sharded(model) else fn
 
 
 def is_sharded(model: torch.nn.Module | None) -> bool:

@@ -26,7 +26,7 @@ from graft.rollout.sampler import position_ids_from_mask
 from graft.tasks import Problem
 from graft.training.distributed import SINGLE, Ranks, full_tensor, reduce_metrics
 from graft.training.episodes import play_and_score
-from graft.training.fsdp import full_weights, is_sharded
+from graft.training.fsdp import as_forward, full_weights
 from graft.training.records import PhaseTimer, step_metrics
 from graft.training.scoring import score_rollout
 from graft.training.setup import StepSetup
@@ -249,15 +249,6 @@ def completion_logprobs(
     P = prompt_ids.shape[1]
     attention_mask = torch.cat([prompt_mask, completion_mask], dim=1)
     positions = position_ids_from_mask(attention_mask)
-    if is_sharded(model):  # train.fsdp: FSDP gathers the weights in the model's own forward, nowhere else
-        logits = model(
-            input_ids=torch.cat([prompt_ids, completion_ids], dim=1),
-            attention_mask=attention_mask,
-            position_ids=positions,
-            use_cache=False,
-            logits_to_keep=completion_ids.shape[1] + 1,
-        ).logits[:, :-1]  # (B, T, V): position P - 1 + t predicts completion token t
-        return algo.token_logprobs(logits, completion_ids, temperature)
     body, head = split_lm_head(model)
     starts, counts = prompt_runs(prompt_ids, prompt_mask) if share_prompts else (None, None)
     if starts is None or len(starts) == prompt_ids.shape[0]:
@@ -320,7 +311,7 @@ def micro_batch_logprobs(
     unless called under no_grad: the one forward both the update and the frozen passes run."""
     prompt_ids, prompt_mask, completion_ids, completion_mask = micro_batch(rollout, rows, device)
     with autocast(cfg, device):
-        logprobs = completion_logprobs(
+        logprobs = as_forward(model, completion_logprobs)(  # train.fsdp: FSDP sees a forward
             model, prompt_ids, prompt_mask, completion_ids, completion_mask, cfg.generation.temperature
         )
     # the loss counts the sampled tokens only (an episode's environment turns are attended to, not trained)
