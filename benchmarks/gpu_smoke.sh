@@ -8,6 +8,7 @@
 #   bf16_lora   3 GRPO steps, LoRA, bf16 weights          (graft train ... model.device=cuda)
 #   qlora_4bit  3 GRPO steps, 4-bit NF4 base + LoRA        (model.quantization=4bit), then export + parity
 #   ddp_2gpu    3 steps in 2 processes                     (only when 2 GPUs are visible)
+#   fsdp_2gpu   3 full fine-tuning steps sharded over 2    (train.fsdp; only when 2 GPUs are visible)
 #   bench       graft bench on the GPU (graft vs TRL)      (needs the bench extra: pip install -e '.[bench]')
 #   vllm        graft sampler vs vLLM, log-prob mismatch   (only when vllm is installed; MODEL required)
 set -uo pipefail
@@ -43,6 +44,8 @@ check qlora_4bit $GRAFT train "${COMMON[@]}" model.quantization=4bit logging.run
 check qlora_export $GRAFT export --run "$OUT/runs/qlora_4bit" --merged --to "$OUT/qlora_export"
 if [ "$($PY -c 'import torch; print(torch.cuda.device_count())')" -ge 2 ]; then
   check ddp_2gpu $GRAFT train --nproc 2 "${COMMON[@]}" model.dtype=bfloat16 logging.run_name=ddp_2gpu
+  check fsdp_2gpu $GRAFT train --nproc 2 "${COMMON[@]}" model.dtype=bfloat16 lora.enabled=false \
+    train.fsdp=true train.learning_rate=1e-5 logging.run_name=fsdp_2gpu
 fi
 if $PY -c "import trl" 2>/dev/null; then
   check bench $GRAFT bench --device cuda --frameworks graft,trl --rounds 1 --steps 3 --json "$OUT/bench.json"
