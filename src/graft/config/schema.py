@@ -445,7 +445,13 @@ class GateConfig(_Section):
         True, description="probe the model before GRPO and stop if a gated reward is zero on every sample"
     )
     num_prompts: int = Field(
-        4, ge=1, description="training prompts probed (grpo.num_generations samples each)"
+        4, ge=1, description="training prompts probed at a time (grpo.num_generations samples each)"
+    )
+    max_prompts: int = Field(
+        16,
+        ge=1,
+        description="while a gated reward is still zero on every sample, probe num_prompts more, up to "
+        "this many prompts in all, before refusing (a weak model's few right answers are found)",
     )
     rewards: list[str] | None = Field(
         None, description="rewards that must not be all zero (default: correctness and format rewards)"

@@ -122,6 +122,11 @@ def _checkpoint_problem(cfg: Config) -> str | None:
 def vllm_problem(cfg: Config, device: torch.device | str) -> str | None:
     """Why vLLM cannot be this run's rollout engine (None: it can)."""
     g = cfg.generation
+    if cfg.train.fsdp:
+        return (
+            "train.fsdp shards the policy, and graft does not yet gather it into a vLLM engine; the rollout "
+            "samples the gathered weights through the model (generation.backend=graft)"
+        )
     return (
         _device_problem(device)
         or vllm_install_problem()

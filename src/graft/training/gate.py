@@ -87,16 +87,26 @@ def run_gate(setup: StepSetup, correctness_runtime: RewardRuntime, run, display)
         raise GateError(problem)
     gated = gated_rewards(task, functions, cfg.gate.rewards)
     display.print(f"gate: probing {cfg.gate.num_prompts} training prompts x {cfg.grpo.num_generations} ...")
-    problems = task.train[: cfg.gate.num_prompts]
     # its own generator: the run's sampling sequence is the same with the gate on or off
     probe = dataclasses.replace(
         setup, generator=torch.Generator(device=setup.device).manual_seed(cfg.train.seed + 7919)
     )
-    rollout = sample_groups(probe, problems, for_update=False)
-    texts, prompts, columns = reward_inputs(setup.tokenizer, task, problems, rollout, cfg)
-    result = GateResult(score(prompts, texts, columns), gated, texts[0] if texts else "")
+    limit = min(max(cfg.gate.max_prompts, cfg.gate.num_prompts), len(task.train))
+    probed, scores, example = 0, {}, ""
+    while True:  # rounds of num_prompts, until every gated reward scored somewhere or the limit
+        problems = task.train[probed : min(probed + cfg.gate.num_prompts, limit)]
+        rollout = sample_groups(probe, problems, for_update=False)
+        texts, prompts, columns = reward_inputs(setup.tokenizer, task, problems, rollout, cfg)
+        for name, values in score(prompts, texts, columns).items():
+            scores.setdefault(name, []).extend(values)
+        example = example or (texts[0] if texts else "")
+        probed += len(problems)
+        result = GateResult(scores, gated, example)
+        if not result.failing() or probed >= limit:
+            break
+        display.print(f"gate: none scored yet for {', '.join(result.failing())}; probing more prompts ...")
     run.write_json("gate.json", {"passed": not result.failing(), "rewards": result.summary()})
-    check(result, min(cfg.gate.num_prompts, len(task.train)), cfg.grpo.num_generations)
+    check(result, probed, cfg.grpo.num_generations)
     parts = [
         f"{n} mean {v['mean']:.2f} ({v['nonzero']}/{v['scored']} nonzero)"
         for n, v in result.summary().items()

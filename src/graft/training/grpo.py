@@ -246,10 +246,10 @@ def completion_logprobs(
     the prompt's keys and values through the repeat. Positions skip left padding as in the sampler, so the
     log-probs match the sampler's.
     """
+    body, head = split_lm_head(model)
     P = prompt_ids.shape[1]
     attention_mask = torch.cat([prompt_mask, completion_mask], dim=1)
     positions = position_ids_from_mask(attention_mask)
-    body, head = split_lm_head(model)
     starts, counts = prompt_runs(prompt_ids, prompt_mask) if share_prompts else (None, None)
     if starts is None or len(starts) == prompt_ids.shape[0]:
         hidden = body(
