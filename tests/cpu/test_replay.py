@@ -80,8 +80,8 @@ def test_replayed_backward_gives_the_two_pass_loss_and_gradients(arch, temperatu
         # oneDNN forward, the two-pass update through ATen's. A product of reduction length K <= 128
         # differs by up to ~K * eps (1.5e-5) of its scale between two summation orders, and layer 0's
         # gradient passes through ~6 of them forward and back (2 layers, attention and MLP), so ~1e-4 of
-        # the tensor's largest entry (measured: up to 2.1e-5 on an Intel Xeon with AMX, below 1e-5 on an
-        # AMD EPYC Zen 4). A wrong gradient (a missed term, a wrong mask) is off by its own size.
+        # the tensor's largest entry (measured: up to 2.1e-5 on an Intel Xeon with AMX; an AMD EPYC Zen 4
+        # stayed within 1e-5). A wrong gradient (a missed term, a wrong mask) is off by its own size.
         assert torch.allclose(g, want, rtol=1e-4, atol=1e-4 * want.abs().max().item()), name
     assert not recording.layers and not recording.final  # consumed, its memory freed
 
