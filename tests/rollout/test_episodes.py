@@ -370,3 +370,53 @@ def test_greedy_episodes_do_not_depend_on_their_batch(model, tiny_tokenizer):
             e.completion_ids() for e in together.episodes[2 * k : 2 * k + 2]
         ]
     assert len({len(e.completion_ids()) for e in together.episodes}) > 1
+
+
+def served(model, tiny_model_dir, monkeypatch, **engine_args):
+    """A VllmBackend on the fake engine (tests/fakes/fake_vllm.py) running `model` itself, synced."""
+    from fakes import fake_vllm
+    from graft.rollout.vllm_backend import LOGPROBS_MODE, VllmBackend
+
+    fake_vllm.install(monkeypatch)
+    llm = fake_vllm.LLM(str(tiny_model_dir), logprobs_mode=LOGPROBS_MODE, **engine_args)
+    llm.model.hf = model  # the biased model, which stops: the folder's random one would not
+    engine = VllmBackend(llm, sleep=bool(engine_args.get("enable_sleep_mode")))
+    engine.sync_weights(model)
+    return engine
+
+
+def test_episodes_through_a_vllm_engine_are_the_models_episodes(
+    model, tiny_tokenizer, tiny_model_dir, monkeypatch
+):
+    engine = served(model, tiny_model_dir, monkeypatch)
+    direct = play(model, tiny_tokenizer, ROWS, greedy=True)
+    through = play(model, tiny_tokenizer, ROWS, greedy=True, engine=engine)
+    assert [e.completion_ids() for e in through.episodes] == [e.completion_ids() for e in direct.episodes]
+    assert max(e.num_turns for e in through.episodes) >= 3  # several turns, each a request
+    d, t = direct.rollout, through.rollout
+    assert torch.equal(t.loss_mask, d.loss_mask) and torch.equal(t.truncated, d.truncated)
+    # the engine runs each request from scratch, graft's decoder from its cache: float32 in another order
+    assert torch.allclose(t.logprobs, d.logprobs, atol=1e-5, rtol=0)
+    assert t.sampler == "vllm" and t.entropy is None  # the loss corrects for the engine (grpo.tis_cap)
+
+    # token in, token out: each turn's request is the episode's prompt and every id after it so far (its
+    # replies and the environment's turns), so the engine's prefix cache serves the conversation
+    requests = [ids for ids, _ in engine.llm.requests]
+    expected = []
+    for row, episode in enumerate(through.episodes):
+        prompt = t.prompt_ids[row][t.prompt_mask[row].bool()].tolist()
+        ids, sampled = episode.completion_ids(), t.loss_mask[row].tolist()
+        starts = [k for k in range(len(ids)) if sampled[k] and (k == 0 or not sampled[k - 1])]
+        expected += [prompt + ids[:k] for k in starts]  # one request per reply
+    assert sorted(requests) == sorted(expected) and len(requests) == sum(
+        e.num_turns for e in through.episodes
+    )
+
+
+def test_a_sleeping_engine_rests_after_the_episodes_not_between_turns(
+    model, tiny_tokenizer, tiny_model_dir, monkeypatch
+):
+    engine = served(model, tiny_model_dir, monkeypatch, enable_sleep_mode=True)
+    batch = play(model, tiny_tokenizer, ROWS, temperature=0.7, engine=engine)
+    assert max(e.num_turns for e in batch.episodes) >= 3  # it generated turn after turn awake
+    assert engine.llm.sleeping == {"weights", "kv_cache"}  # and released its memory at the end

@@ -71,3 +71,36 @@ def test_token_weights_scale_each_tokens_surrogate_and_leave_the_kl_alone():
     out.loss.backward()
     # d/dlogp of -A * ratio * w / 2 at ratio 1 is -w / 2 (the KL's gradient is 0 at logp = ref)
     assert logprobs.grad[0].tolist() == pytest.approx([-1.0, -0.25])
+
+
+def test_a_multi_turn_run_plays_its_episodes_on_the_engine(tiny_model_dir, tmp_path, monkeypatch):
+    from test_episodes_loop import ENV
+
+    fake_vllm.install(monkeypatch)
+    engines = []
+
+    def make_backend(cfg, device, policy):
+        engines.append(VllmBackend.create(str(tiny_model_dir), cfg, torch.float32))
+        return engines[-1]
+
+    monkeypatch.setattr(loop, "make_backend", make_backend)
+    env_file = tmp_path / "counting.py"
+    env_file.write_text(ENV)
+    cfg = load_config(
+        None,
+        [f"model.name={tiny_model_dir}", f"task.environment={env_file}:Counting",
+         f"rewards.functions=[{env_file}:digit_turns]", "task.num_train=8", "task.num_eval=2",
+         "grpo.num_generations=2", "generation.max_new_tokens=4", "episode.max_turns=3", "train.max_steps=2",
+         "train.prompts_per_step=4", "train.learning_rate=0.01", "eval.at_start=false", "eval.at_end=false",
+         "rewards.on_error=zero", f"logging.output_dir={tmp_path}", "logging.run_name=ve",
+         "logging.progress=lines", "logging.print_config=false"],
+    )  # fmt: skip
+    run = loop.train(cfg)
+    (engine,) = engines
+    # one request per reply of every episode played (the environment breaks on rows with an even answer,
+    # before any reply), and none through the policy
+    completions = [json.loads(x) for x in (run / "completions.jsonl").read_text().splitlines()]
+    replies = sum(c["completion"].count("[assistant]") for c in completions)
+    assert replies > 0 and len(engine.llm.requests) == replies and engine.version == 1 + 2
+    steps = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines() if '"loss"' in x]
+    assert len(steps) == 2 and all(r["sampler_kl"] < 1e-4 for r in steps)  # the trainer's numbers

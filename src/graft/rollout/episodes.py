@@ -139,6 +139,41 @@ class _Decoder:
         self.next_position = self.next_position + mask.sum(dim=1).to(self.device)
 
 
+class _EngineDecoder:
+    """The live episodes as token sequences for a rollout engine with its own copy of the policy (vLLM:
+    graft.rollout.vllm_backend.VllmBackend.complete): each turn is one request per live row, its prefix
+    cache keeping the turns before. The same four calls as _Decoder, the same rule: a reply's last id is
+    sampled but not fed, it enters the sequence with the next append. The engine reports no entropy."""
+
+    def __init__(self, engine, temperature: float, top_p: float, greedy: bool, generator):
+        from graft.rollout.vllm_backend import vllm_sampling_problem
+
+        if problem := vllm_sampling_problem(top_p, 0):
+            raise ValueError(problem)
+        self.engine, self.generator = engine, generator
+        self.temperature, self.greedy = temperature, greedy
+
+    def prefill(self, rows: list[int], prompts: list[list[int]], capacity: int) -> None:
+        self.rows, self.sequences = rows, [list(p) for p in prompts]
+
+    def turn(self, limits: list[int], stop: set[int]) -> list[tuple[list[int], list[float], list[float]]]:
+        replies = self.engine.complete(
+            self.sequences, limits, stop_ids=sorted(stop), temperature=self.temperature,
+            greedy=self.greedy, generator=self.generator,
+        )  # fmt: skip
+        for sequence, (ids, _) in zip(self.sequences, replies, strict=True):
+            sequence += ids[:-1]
+        return [(ids, logps, [0.0] * len(ids)) for ids, logps in replies]
+
+    def keep(self, positions: list[int]) -> None:
+        self.rows = [self.rows[p] for p in positions]
+        self.sequences = [self.sequences[p] for p in positions]
+
+    def append(self, sequences: list[list[int]]) -> None:
+        for sequence, new in zip(self.sequences, sequences, strict=True):
+            sequence += new
+
+
 def _drawer(temperature: float, top_p: float, greedy: bool, generator: torch.Generator | None) -> Callable:
     def draw(logits: torch.Tensor):  # (n, V) float32 -> token (n,), log-prob (n,), entropy (n,)
         # as graft.rollout.sampler: the log-prob of softmax(logits / T) before top-p, which the training
@@ -174,6 +209,7 @@ def sample_episodes(
     system_prompt: str | None = None,
     env_timeout: float | None = 30.0,
     template_kwargs: dict | None = None,
+    engine=None,
 ) -> EpisodeBatch:
     """Play `group_size` episodes of each row (dicts, or graft Problems), B = len(rows) * group_size.
 
@@ -184,7 +220,9 @@ def sample_episodes(
     done. `system_prompt` overrides the environment's. Each environment call (factory, reset, step) runs
     with `env_timeout` seconds (None: no deadline, in this thread); one that raises, hangs or returns the
     wrong types ends its own episode, failed (Episode.failure, EpisodeBatch.failed). Raises
-    ChatTemplateError before sampling when the chat template is not prefix-preserving.
+    ChatTemplateError before sampling when the chat template is not prefix-preserving. `engine`: a rollout
+    engine with its own copy of the policy (a VllmBackend) samples the model's turns instead of `model`
+    (whose device the tensors then take); its rollout has no entropy and names the engine as its sampler.
 
     Returns the rollout: completion_ids (B, T) = the ids after the prompt; completion_mask = 1 on each of
     them (attention); loss_mask = 1 on the sampled ones only; logprobs / entropy on sampled ids, 0 on
@@ -238,7 +276,10 @@ def sample_episodes(
     sampled: list[list[int]] = [[] for _ in range(B)]
     logps: list[list[float]] = [[] for _ in range(B)]
     entropies: list[list[float]] = [[] for _ in range(B)]
-    decoder = _Decoder(model, pad_id, _drawer(temperature, top_p, greedy, generator))
+    if engine is None:
+        decoder = _Decoder(model, pad_id, _drawer(temperature, top_p, greedy, generator))
+    else:
+        decoder = _EngineDecoder(engine, temperature, top_p, greedy, generator)
     rows_live = sorted(conversations)
     if rows_live:
         capacity = max(len(p) for p in prompts) + min(budget, max_turns * max_new_tokens) + 64
@@ -302,10 +343,11 @@ def sample_episodes(
             logps[i] += [0.0] * len(going_on[i])
             entropies[i] += [0.0] * len(going_on[i])
 
-    return EpisodeBatch(
-        _rollout(prompts, ids, sampled, logps, entropies, episodes, pad_id, group_size, model.device),
-        episodes,
-    )
+    rollout = _rollout(prompts, ids, sampled, logps, entropies, episodes, pad_id, group_size, model.device)
+    if engine is not None:
+        engine.rest()
+        rollout.entropy, rollout.sampler = None, engine.name
+    return EpisodeBatch(rollout, episodes)
 
 
 def _rollout(prompts, ids, sampled, logps, entropies, episodes, pad_id, group_size, device) -> Rollout:

@@ -138,39 +138,64 @@ class VllmBackend:
     ) -> Rollout:
         """`group_size` completions per prompt, as graft.rollout.sampler.sample returns them (entropy None:
         vLLM reports the sampled token's log-prob only). `policy` only says where the tensors go."""
+        if problem := vllm_sampling_problem(top_p, min_new_tokens):
+            raise ValueError(problem)
+        rows = [list(p) for p in prompts for _ in range(group_size)]  # a group's completions adjacent
+        outputs = self._generate(rows, [max_new_tokens] * len(rows), stop_ids, temperature, greedy, generator)
+        self.rest()
+        device = getattr(policy, "device", torch.device("cpu"))
+        return assemble_rollout(prompts, outputs, group_size, pad_id, stop_ids, device)
+
+    @torch.no_grad()
+    def complete(
+        self,
+        sequences: list[list[int]],
+        max_new_tokens: list[int],
+        *,
+        stop_ids: list[int],
+        temperature: float = 1.0,
+        greedy: bool = False,
+        generator: torch.Generator | None = None,
+    ) -> list[tuple[list[int], list[float]]]:
+        """One completion of each token sequence, with its own length limit: (ids, log-probs), checked as
+        sample's are. Multi-turn episodes (graft.rollout.episodes) continue every live conversation once
+        per turn; the prefix cache holds the turns before. The engine stays awake: rest() after the last."""
+        outputs = self._generate(sequences, max_new_tokens, stop_ids, temperature, greedy, generator)
+        return [_completion(out, set(stop_ids)) for out in outputs]
+
+    def rest(self) -> None:
+        """The rollout is over: with generation.vllm_sleep, release the engine's memory until the next."""
+        if self.sleep_between_rollouts:
+            self.llm.sleep(level=1)  # level 1: weights to CPU (kept), KV cache freed
+            self._asleep = {"weights", "kv_cache"}
+
+    def _generate(self, rows, max_tokens, stop_ids, temperature, greedy, generator) -> list:
+        """vLLM's RequestOutputs for token rows, one request each, in order."""
         if self.version == 0:
             raise RuntimeError(
                 "VllmBackend.sample before sync_weights: the engine holds the weights it read from disk, "
                 "which need not be the policy's (a folded adapter, a de-quantized base)"
             )
-        if problem := vllm_sampling_problem(top_p, min_new_tokens):
-            raise ValueError(problem)
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
 
-        rows = [list(p) for p in prompts for _ in range(group_size)]  # a group's completions adjacent
         params = [
             SamplingParams(
                 n=1,
                 temperature=0.0 if greedy else temperature,  # vLLM: 0 = greedy, log-probs at T = 1
                 top_p=1.0,
-                max_tokens=max_new_tokens,
+                max_tokens=limit,
                 stop_token_ids=list(stop_ids),
                 ignore_eos=True,
                 logprobs=0,  # the sampled token's log-prob only
                 seed=seed,
                 detokenize=False,  # graft decodes the ids itself where it needs text
             )
-            for seed in _request_seeds(len(rows), generator)
+            for limit, seed in zip(max_tokens, _request_seeds(len(rows), generator), strict=True)
         ]
         self._wake("weights")
         self._wake("kv_cache")
-        outputs = self.llm.generate([TokensPrompt(prompt_token_ids=p) for p in rows], params, use_tqdm=False)
-        if self.sleep_between_rollouts:
-            self.llm.sleep(level=1)  # level 1: weights to CPU (kept), KV cache freed
-            self._asleep = {"weights", "kv_cache"}
-        device = getattr(policy, "device", torch.device("cpu"))
-        return assemble_rollout(prompts, outputs, group_size, pad_id, stop_ids, device)
+        return self.llm.generate([TokensPrompt(prompt_token_ids=p) for p in rows], params, use_tqdm=False)
 
 
 def _completion(output, stop_ids: set[int]) -> tuple[list[int], list[float]]:

@@ -28,7 +28,8 @@ def play_episodes(
     with `generator` (default: the rollouts' own, which the checkpoints keep)."""
     cfg = setup.cfg
     setup.policy.eval()
-    with merged_adapter(setup.policy, cfg.generation.merge_adapter) as model:
+    engine = setup.backend if setup.backend.name != "graft" else None  # vLLM: its own copy of the weights
+    with merged_adapter(setup.policy, cfg.generation.merge_adapter and engine is None) as model:
         return sample_episodes(
             model,
             setup.tokenizer,
@@ -45,6 +46,7 @@ def play_episodes(
             generator=generator or setup.generator,
             system_prompt=setup.task.system_prompt,  # None: the environment's own
             env_timeout=cfg.episode.env_timeout,
+            engine=engine,
         )
 
 
