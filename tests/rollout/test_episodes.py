@@ -157,21 +157,82 @@ def test_lora_wrapped_policy_samples_episodes(model, tiny_tokenizer):
     assert not batch.failed.any() and batch.rollout.loss_mask.sum() > 0
 
 
+def with_template(tokenizer, template: str):
+    out = copy.deepcopy(tokenizer)  # the session fixture stays as it is
+    out.chat_template = template
+    return out
+
+
+# earlier assistant turns lose their <think> block (a simple form of DeepSeek-R1's rule)
+DROPPING = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n"
+    "{% if m['role'] == 'assistant' and not loop.last %}{{ m['content'].split('</think>')[-1].lstrip() }}"
+    "{% else %}{{ m['content'] }}{% endif %}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+# Qwen3's rule: replies after the last user turn show their reasoning, an empty block when they have none;
+# earlier ones show their answer only
+QWEN3_LIKE = (
+    "{% set ns = namespace(last=-1) %}{% for m in messages %}{% if m['role'] == 'user' %}"
+    "{% set ns.last = loop.index0 %}{% endif %}{% endfor %}"
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{% if m['role'] == 'assistant' %}"
+    "{% set answer = m['content'].split('</think>')[-1].lstrip('\n') %}"
+    "{% set thought = m['content'].split('</think>')[0].split('<think>')[-1].strip('\n') "
+    "if '</think>' in m['content'] else '' %}"
+    "{% if loop.index0 > ns.last %}<think>\n{{ thought }}\n</think>\n\n{{ answer }}"
+    "{% else %}{{ answer }}{% endif %}{% else %}{{ m['content'] }}{% endif %}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+# shows the last two messages only: no history the episode's ids could extend
+WINDOW = (
+    "{% for m in messages[-2:] %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
 def test_a_template_that_rewrites_history_is_refused(tiny_tokenizer):
-    check_chat_template(tiny_tokenizer)  # the tiny template is prefix-preserving
-    check_chat_template(tiny_tokenizer, "a system prompt")
-    dropping = copy.deepcopy(tiny_tokenizer)  # the session fixture stays as it is
-    dropping.chat_template = (  # Qwen3-like: earlier assistant turns lose their <think> block
-        "{% for m in messages %}<|im_start|>{{ m['role'] }}\n"
-        "{% if m['role'] == 'assistant' and not loop.last %}{{ m['content'].split('</think>')[-1].lstrip() }}"
-        "{% else %}{{ m['content'] }}{% endif %}<|im_end|>\n{% endfor %}"
-        "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-    )
-    with pytest.raises(ChatTemplateError, match="not prefix-preserving.*<think>"):
-        check_chat_template(dropping)
+    assert check_chat_template(tiny_tokenizer) is False  # prefix-preserving as it is
+    assert check_chat_template(tiny_tokenizer, "a system prompt") is False
+    window = with_template(tiny_tokenizer, WINDOW)
+    with pytest.raises(ChatTemplateError, match="not prefix-preserving.*also with the replies' <think>"):
+        check_chat_template(window)
     with pytest.raises(ChatTemplateError, match="not prefix-preserving"):
-        play(build_tiny_model(len(dropping)), dropping, ROWS[:1])
+        play(build_tiny_model(len(window)), window, ROWS[:1])
     assert Scripted.log == []  # refused before any environment ran
+
+
+@pytest.mark.parametrize("template", [DROPPING, QWEN3_LIKE])
+def test_a_template_that_drops_earlier_reasoning_is_detected_and_handled(tiny_tokenizer, template):
+    from graft.envs.chat import Conversation
+
+    tokenizer = with_template(tiny_tokenizer, template)
+    assert check_chat_template(tokenizer) is True and check_chat_template(tokenizer, "Play.") is True
+    conversation = Conversation(tokenizer, "Play.", "Start.", None, drops_reasoning=True)
+    prompt = conversation.prompt_ids()
+    # each environment turn is the template's closing of the reply and the next user turn, tokenized
+    # once, whatever reasoning the reply held; the history keeps the answers, as the template would
+    for k, reply in enumerate(["<think>\nhmm\n</think>\n\nfirst", "second", "<think>\nso\n</think>\nthird"]):
+        assert conversation.environment_turn(reply, STOP, f"feedback {k}") == entry_ids(
+            tokenizer, f"feedback {k}"
+        )
+    assert [m["content"] for m in conversation.messages if m["role"] == "assistant"] == [
+        "first",
+        "second",
+        "third",
+    ]
+    assert conversation.prompt_ids()[: len(prompt)] == prompt
+
+    # whole episodes: the trained sequence is the sampled ids plus those environment turns
+    batch = play(biased_model(tokenizer, {STOP: 3.0}), tokenizer, ROWS[:2], max_turns=3)
+    for episode, ids in zip(batch.episodes, batch.rollout.completion_ids, strict=True):
+        expected = []
+        for k, reply in enumerate(episode.reply_ids):
+            expected += reply
+            if k < len(episode.env_ids):
+                assert episode.env_ids[k] == entry_ids(tokenizer, episode.observations[k])
+                expected += episode.env_ids[k]
+        assert ids[: len(expected)].tolist() == expected
+    assert max(e.num_turns for e in batch.episodes) >= 2
 
 
 class Broken(Environment):

@@ -1,10 +1,13 @@
 """Where an environment's text enters the token sequence: as the suffix the chat template adds after the
 conversation so far, tokenized once there. The model's turns are never rendered back into tokens.
 
-That is only sound for a prefix-preserving template: rendering the conversation after turn k must be a
-prefix of rendering it after turn k+1, else the ids the model saw (sampled turn by turn) are not what the
-template would show it, and the suffix is undefined. Templates that drop the <think> blocks of earlier
-assistant turns (Qwen3's, DeepSeek-R1's) are not; check_chat_template refuses them before any sampling.
+That needs a prefix-preserving template: rendering the conversation after turn k must be a prefix of
+rendering it after turn k+1, else the suffix is undefined. Templates that drop the <think> blocks of earlier
+assistant turns (Qwen3's, DeepSeek-R1's) are not, but they are once the history holds each reply without
+its reasoning: check_chat_template detects that, and such a Conversation keeps the replies' answers (what
+the template would keep) in the messages it renders. The episode's ids still hold each reply as sampled,
+<think> block included: the model is trained on the context it saw while playing, which is more than the
+template would show it at inference, where earlier reasoning is gone. Other templates are refused.
 """
 
 from __future__ import annotations
@@ -41,19 +44,22 @@ def _difference(before: str, after: str) -> str:
     return f"at character {i}: {before[max(0, i - 30) : i + 30]!r} became {after[max(0, i - 30) : i + 30]!r}"
 
 
-def check_chat_template(
-    tokenizer, system_prompt: str | None = None, template_kwargs: dict | None = None
-) -> None:
-    """Raise ChatTemplateError unless every rendering of a probe conversation (two replies with <think>
-    blocks) extends the one before: generation prompt -> the reply -> the next user turn -> ..."""
+def without_reasoning(reply: str) -> str:
+    """A reply's answer: what follows its last </think>, as templates that drop reasoning keep it."""
+    return reply.rsplit("</think>", 1)[-1].lstrip("\n") if "</think>" in reply else reply
+
+
+def _probe(tokenizer, system_prompt, template_kwargs, replies) -> list[tuple[str, str]]:
+    """(what was added, rendering) after each step of a probe conversation: user turns with the
+    generation prompt, `replies` without."""
     messages = [{"role": "system", "content": system_prompt}] if system_prompt else []
     renders = []
     try:
         for k, user in enumerate(_PROBE_USERS):
             messages.append({"role": "user", "content": user})
             renders.append(("the next user turn", render(tokenizer, messages, True, template_kwargs)))
-            if k < len(_PROBE_REPLIES):
-                messages.append({"role": "assistant", "content": _PROBE_REPLIES[k]})
+            if k < len(replies):
+                messages.append({"role": "assistant", "content": replies[k]})
                 renders.append(("the assistant's reply", render(tokenizer, messages, False, template_kwargs)))
     except ChatTemplateError:
         raise
@@ -61,14 +67,42 @@ def check_chat_template(
         raise ChatTemplateError(
             f"the chat template cannot render a multi-turn conversation: {type(exc).__name__}: {exc}"
         ) from exc
+    return renders
+
+
+def _rewrite(renders: list[tuple[str, str]]) -> str | None:
+    """Where a rendering does not extend the one before it (None: each does)."""
     for (_, before), (step, after) in zip(renders, renders[1:], strict=False):
         if not after.startswith(before):
-            raise ChatTemplateError(
-                "the chat template is not prefix-preserving, so multi-turn episodes cannot use it: adding "
-                f"{step} rewrites what was rendered before ({_difference(before, after)}). Templates that "
-                "drop earlier <think> blocks from the history do this. Give the tokenizer a template that "
-                "renders every turn as it was written (tokenizer.chat_template)."
-            )
+            return f"adding {step} rewrites what was rendered before ({_difference(before, after)})"
+    return None
+
+
+def check_chat_template(
+    tokenizer, system_prompt: str | None = None, template_kwargs: dict | None = None
+) -> bool:
+    """Whether the template drops earlier replies' reasoning (see the module's docstring); raises
+    ChatTemplateError when multi-turn episodes cannot use it. Probes a conversation with two replies with
+    <think> blocks: every rendering must extend the one before (generation prompt -> the reply -> the next
+    user turn -> ...), or, with the replies' reasoning left out of the history, every rendering that ends
+    in a generation prompt must extend the one before (a last reply may be rendered with an empty
+    reasoning block that the next user turn takes away again)."""
+    problem = _rewrite(_probe(tokenizer, system_prompt, template_kwargs, _PROBE_REPLIES))
+    if problem is None:
+        return False
+    answers = [without_reasoning(reply) for reply in _PROBE_REPLIES]
+    prompts = [
+        r
+        for r in _probe(tokenizer, system_prompt, template_kwargs, answers)
+        if r[0] != "the assistant's reply"
+    ]
+    if _rewrite(prompts) is None:
+        return True
+    raise ChatTemplateError(
+        f"the chat template is not prefix-preserving, so multi-turn episodes cannot use it: {problem}, "
+        "also with the replies' <think> blocks left out of the history. Give the tokenizer a template that "
+        "renders every turn as it was written (tokenizer.chat_template)."
+    )
 
 
 def encode_after(tokenizer, text: str, previous_id: int) -> list[int]:
@@ -90,9 +124,15 @@ class Conversation:
     prompt of the model's next turn."""
 
     def __init__(
-        self, tokenizer, system_prompt: str | None, first_message: str, template_kwargs: dict | None
+        self,
+        tokenizer,
+        system_prompt: str | None,
+        first_message: str,
+        template_kwargs: dict | None,
+        drops_reasoning: bool = False,
     ):
         self.tokenizer, self.template_kwargs = tokenizer, template_kwargs
+        self.drops_reasoning = drops_reasoning  # check_chat_template's answer for this template
         self.messages = [{"role": "system", "content": system_prompt}] if system_prompt else []
         self.messages.append({"role": "user", "content": first_message})
         self.rendered = render(tokenizer, self.messages, True, template_kwargs)
@@ -106,6 +146,8 @@ class Conversation:
         prompt of the next reply. If the model stopped with another token than the template closes replies
         with (an EOS that is not the end-of-turn token), the template's whole closing follows that token.
         Raises ChatTemplateError when the rendering of this conversation is not prefix-preserving."""
+        if self.drops_reasoning:
+            return self._turn_after_answer(without_reasoning(reply), stop_id, observation)
         messages = [*self.messages, {"role": "assistant", "content": reply}]
         with_reply = render(self.tokenizer, messages, False, self.template_kwargs)
         if not with_reply.startswith(self.rendered):
@@ -131,3 +173,20 @@ class Conversation:
             )
         self.messages, self.rendered = messages, after
         return encode_after(self.tokenizer, tail + after[len(with_reply) :], stop_id)
+
+    def _turn_after_answer(self, answer: str, stop_id: int, observation: str) -> list[int]:
+        """environment_turn for a template that drops reasoning: the history holds the reply's answer, and
+        the closing is read from the rendering with the next user turn (where the template shows earlier
+        replies as it keeps them), not from one that ends with the reply."""
+        messages = [*self.messages, {"role": "assistant", "content": answer}]
+        messages.append({"role": "user", "content": observation})
+        after = render(self.tokenizer, messages, True, self.template_kwargs)
+        if not after.startswith(self.rendered + answer):
+            raise ChatTemplateError(
+                f"the reply's answer does not follow the conversation ({_difference(self.rendered + answer, after)})"
+            )
+        closing = after[len(self.rendered) + len(answer) :]
+        stop_text = self.tokenizer.decode([stop_id], skip_special_tokens=False)
+        tail = closing[len(stop_text) :] if stop_text and closing.startswith(stop_text) else closing
+        self.messages, self.rendered = messages, after
+        return encode_after(self.tokenizer, tail, stop_id)

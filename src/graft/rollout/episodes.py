@@ -253,8 +253,10 @@ def sample_episodes(
             ep.system_prompt = system_prompt if system_prompt is not None else env.system_prompt
             if ep.system_prompt is not None and not isinstance(ep.system_prompt, str):
                 ep.failure = Failure(INVALID, f"system_prompt is {type(ep.system_prompt).__name__}, not str")
-    for prompt in dict.fromkeys(ep.system_prompt for ep in episodes if not ep.failed):
-        check_chat_template(tokenizer, prompt, template_kwargs)  # refuse before any environment runs
+    drops_reasoning = {  # refused here, before any environment runs, where the template cannot serve
+        prompt: check_chat_template(tokenizer, prompt, template_kwargs)
+        for prompt in dict.fromkeys(ep.system_prompt for ep in episodes if not ep.failed)
+    }
 
     live = [i for i in range(B) if not episodes[i].failed]
     firsts = call_all([lambda i=i: envs[i].reset(episodes[i].row) for i in live], env_timeout, "reset")
@@ -266,7 +268,10 @@ def sample_episodes(
             continue
         episodes[i].first_message = first
         try:
-            conversations[i] = Conversation(tokenizer, episodes[i].system_prompt, first, template_kwargs)
+            conversations[i] = Conversation(
+                tokenizer, episodes[i].system_prompt, first, template_kwargs,
+                drops_reasoning[episodes[i].system_prompt],
+            )  # fmt: skip
         except Exception as exc:  # a template can refuse content (e.g. raise_exception in Jinja)
             episodes[i].failure = Failure(TEMPLATE, f"rendering the first message failed: {exc}")
     prompts = [conversations[i].prompt_ids() if i in conversations else [pad_id] for i in range(B)]

@@ -17,6 +17,7 @@ from graft.batch import ScoredBatch
 from graft.config import Config
 from graft.cpu.fast_path import FastPath
 from graft.cpu.plan import plan_fast_paths
+from graft.envs.chat import check_chat_template
 from graft.envs.loading import load_environment
 from graft.evaluation import evaluate
 from graft.health import HealthMonitor
@@ -105,6 +106,13 @@ def setup_training(
     backend.sync_weights(policy)
     if backend.name != "graft":
         display.print(f"rollouts: {backend.name} (the policy's weights loaded into it before every rollout)")
+    environment = load_environment(spec) if (spec := environment_spec(cfg.task)) else None
+    if environment is not None and check_chat_template(tokenizer, task.system_prompt):
+        display.print(
+            "[yellow]the chat template drops earlier replies' <think> blocks[/yellow]: episodes keep each "
+            "reply as sampled, reasoning included (the context the model played with), and render only the "
+            "environment's turns from the template (graft.envs.chat)"
+        )
     params = [p for p in policy.parameters() if p.requires_grad]
     optimizer, scheduler = build_optimizer(params, cfg)
     setup = StepSetup(
@@ -126,7 +134,7 @@ def setup_training(
         fast_path=FastPath.build(policy, paths),
         ref_model=ref_model,
         backend=backend,
-        environment=load_environment(spec) if (spec := environment_spec(cfg.task)) else None,
+        environment=environment,
         ranks=ranks,
     )
     return setup, correctness_runtime
