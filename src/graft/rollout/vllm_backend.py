@@ -173,7 +173,7 @@ class VllmBackend:
         """vLLM's RequestOutputs for token rows, one request each, in order."""
         if self.version == 0:
             raise RuntimeError(
-                "VllmBackend.sample before sync_weights: the engine holds the weights it read from disk, "
+                "a VllmBackend rollout before sync_weights: the engine holds the weights it read from disk, "
                 "which need not be the policy's (a folded adapter, a de-quantized base)"
             )
         from vllm import SamplingParams
