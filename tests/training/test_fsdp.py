@@ -165,3 +165,41 @@ def test_sharding_divides_the_training_state_by_the_processes_in_the_estimate(ti
     assert four.parts["gathered weights"] == one.parts["weights"]  # the whole model, to sample
     assert four.parts["rollout KV + logits"] == one.parts["rollout KV + logits"] // 4  # its share
     assert "per GPU of 4 (train.fsdp: sharded)" in verdict
+
+
+def test_a_run_cannot_switch_sharding_on_resume_and_vllm_is_not_chosen_for_it(tmp_path):
+    from graft.checks.resume import resume_problems
+    from graft.rollout.backends import vllm_problem
+
+    sharded = load_config(None, ["train.fsdp=true", "lora.enabled=false"])
+    (tmp_path / "config.yaml").write_text(sharded.to_yaml())
+    problems, _ = resume_problems(load_config(None, ["lora.enabled=false"]), tmp_path, 2)
+    assert "train.fsdp: True -> False" in " ".join(problems) and "optimizer state" in " ".join(problems)
+    assert "train.fsdp" in vllm_problem(sharded, "cuda")
+
+
+def test_full_weights_are_read_from_save_pretrained_shards(tiny_model_dir, tmp_path):
+    from graft.training.checkpoint import read_weights
+
+    model = full_policy(tiny_model_dir)
+    model.save_pretrained(tmp_path, max_shard_size="20KB")  # several files and their index
+    assert (tmp_path / "model.safetensors.index.json").is_file()
+    weights, whole = read_weights(tmp_path), read_weights(tiny_model_dir)
+    assert len(list(tmp_path.glob("model-*.safetensors"))) > 1
+    assert weights.keys() == whole.keys() and all(torch.equal(weights[k], whole[k]) for k in whole)
+
+
+def test_validate_checks_a_recipe_for_n_processes(tiny_model_dir, capsys):
+    from graft.cli import main
+
+    args = [
+        f"model.name={tiny_model_dir}",
+        "lora.enabled=false",
+        "train.fsdp=true",
+        "train.prompts_per_step=4",
+    ]
+    assert main(["validate", *args, "--nproc", "4", "--gpu-memory", "80"]) == 0
+    assert "per GPU of 4 (train.fsdp: sharded)" in capsys.readouterr().out
+    assert main(["validate", *args]) != 0  # one process cannot shard
+    refused = capsys.readouterr()
+    assert "train.fsdp" in refused.out + refused.err and "--nproc" in refused.out + refused.err
