@@ -34,6 +34,21 @@ def digit_turns(prompts, completions, **_):
 '''
 
 
+def counting_config(model_dir, tmp_path, run_name: str, *overrides: str):
+    """2 steps of 4 prompts x 2 episodes against Counting, scored by digit_turns (written to tmp_path)."""
+    env_file = tmp_path / "counting.py"
+    env_file.write_text(ENV)
+    return load_config(
+        None,
+        [f"model.name={model_dir}", f"task.environment={env_file}:Counting",
+         f"rewards.functions=[{env_file}:digit_turns]", "task.num_train=8", "task.num_eval=2",
+         "grpo.num_generations=2", "generation.max_new_tokens=4", "episode.max_turns=3", "train.max_steps=2",
+         "train.prompts_per_step=4", "train.learning_rate=0.01", "rewards.on_error=zero",
+         f"logging.output_dir={tmp_path}", f"logging.run_name={run_name}", "logging.progress=lines",
+         "logging.print_config=false", *overrides],
+    )  # fmt: skip
+
+
 def test_the_update_counts_the_sampled_tokens_only(tiny_model):
     # one row: 2 prompt tokens, then model, model, environment, environment, model
     loss_mask = torch.tensor([[1, 1, 0, 0, 1]])
@@ -53,17 +68,7 @@ def test_the_update_counts_the_sampled_tokens_only(tiny_model):
 
 
 def test_a_multi_turn_run_trains_evaluates_and_leaves_broken_episodes_out(tiny_model_dir, tmp_path):
-    env_file = tmp_path / "counting.py"
-    env_file.write_text(ENV)
-    cfg = load_config(
-        None,
-        [f"model.name={tiny_model_dir}", f"task.environment={env_file}:Counting",
-         f"rewards.functions=[{env_file}:digit_turns]", "task.num_train=8", "task.num_eval=2",
-         "grpo.num_generations=2", "generation.max_new_tokens=4", "episode.max_turns=3",
-         "episode.env_timeout=5", "train.max_steps=2", "train.prompts_per_step=4", "train.learning_rate=0.01",
-         "eval.at_start=true", f"logging.output_dir={tmp_path}", "logging.run_name=ep",
-         "logging.progress=lines", "logging.print_config=false", "rewards.on_error=zero"],
-    )  # fmt: skip
+    cfg = counting_config(tiny_model_dir, tmp_path, "ep", "episode.env_timeout=5", "eval.at_start=true")
     run = train(cfg)
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in rows if "loss" in r]

@@ -22,18 +22,25 @@ def _digit_share(prompts, completions, **_):
     return [sum(ch.isdigit() for ch in t) / max(len(t), 1) for t in texts]
 
 
-def test_a_run_on_the_vllm_backend_syncs_before_every_rollout_and_logs_the_mismatch(
-    tiny_model_dir, tmp_path, monkeypatch
-):
+def fake_engines(monkeypatch, model_dir) -> list[VllmBackend]:
+    """The loop's rollout backends, on the fake engine: the real factory refuses a CPU, while the engine
+    itself is vLLM's API. Returns the list each run's engine is added to."""
     fake_vllm.install(monkeypatch)
-    monkeypatch.setitem(builtin.BUILTIN_REWARDS, "digit_share", _digit_share)
     engines = []
 
-    def make_backend(cfg, device, policy):  # the real factory refuses a CPU; the engine itself is vLLM's API
-        engines.append(VllmBackend.create(str(tiny_model_dir), cfg, torch.float32))
+    def make_backend(cfg, device, policy):
+        engines.append(VllmBackend.create(str(model_dir), cfg, torch.float32))
         return engines[-1]
 
     monkeypatch.setattr(loop, "make_backend", make_backend)
+    return engines
+
+
+def test_a_run_on_the_vllm_backend_syncs_before_every_rollout_and_logs_the_mismatch(
+    tiny_model_dir, tmp_path, monkeypatch
+):
+    engines = fake_engines(monkeypatch, tiny_model_dir)
+    monkeypatch.setitem(builtin.BUILTIN_REWARDS, "digit_share", _digit_share)
     cfg = load_config(
         None,
         [f"model.name={tiny_model_dir}", "rewards.functions=[digit_share]", "task.num_train=8",
@@ -74,27 +81,10 @@ def test_token_weights_scale_each_tokens_surrogate_and_leave_the_kl_alone():
 
 
 def test_a_multi_turn_run_plays_its_episodes_on_the_engine(tiny_model_dir, tmp_path, monkeypatch):
-    from test_episodes_loop import ENV
+    from test_episodes_loop import counting_config
 
-    fake_vllm.install(monkeypatch)
-    engines = []
-
-    def make_backend(cfg, device, policy):
-        engines.append(VllmBackend.create(str(tiny_model_dir), cfg, torch.float32))
-        return engines[-1]
-
-    monkeypatch.setattr(loop, "make_backend", make_backend)
-    env_file = tmp_path / "counting.py"
-    env_file.write_text(ENV)
-    cfg = load_config(
-        None,
-        [f"model.name={tiny_model_dir}", f"task.environment={env_file}:Counting",
-         f"rewards.functions=[{env_file}:digit_turns]", "task.num_train=8", "task.num_eval=2",
-         "grpo.num_generations=2", "generation.max_new_tokens=4", "episode.max_turns=3", "train.max_steps=2",
-         "train.prompts_per_step=4", "train.learning_rate=0.01", "eval.at_start=false", "eval.at_end=false",
-         "rewards.on_error=zero", f"logging.output_dir={tmp_path}", "logging.run_name=ve",
-         "logging.progress=lines", "logging.print_config=false"],
-    )  # fmt: skip
+    engines = fake_engines(monkeypatch, tiny_model_dir)
+    cfg = counting_config(tiny_model_dir, tmp_path, "ve", "eval.at_start=false", "eval.at_end=false")
     run = loop.train(cfg)
     (engine,) = engines
     # one request per reply of every episode played (the environment breaks on rows with an even answer,
