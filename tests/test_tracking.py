@@ -103,3 +103,19 @@ def test_completions_are_browsable_by_step_and_reward(tracked_run, capsys):
     assert main(["completions", str(tracked_run), "--min-reward", "2"]) == 0  # the reward is 0 or 1
     assert "0 completion(s)" in capsys.readouterr().out
     assert main(["completions", str(tracked_run.parent / "nope")]) == 2
+
+
+def test_eta_counts_the_budget_a_resumed_run_already_spent():
+    import io
+
+    from rich.console import Console
+
+    from graft.tracking import ProgressDisplay
+
+    out = io.StringIO()
+    display = ProgressDisplay(1000, "lines", Console(file=out, width=400), budget_s=600.0)
+    # resumed at step 10 with 590 s of the 600 s budget spent: at most 10 s are left, whatever the rate
+    display.start(10, spent_s=590.0)
+    display.update(11, {})
+    eta = float(out.getvalue().split("eta ")[1].split("s]")[0])
+    assert 0.0 <= eta <= 10.0

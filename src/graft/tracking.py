@@ -267,7 +267,7 @@ class ProgressDisplay:
         self.budget_s = budget_s
         self.use_bar = progress_style(mode, self.console) == "bar"
         self._start = time.perf_counter()
-        self._done_before = 0
+        self._done_before, self._spent_before = 0, 0.0
         self._last_eval: float | None = None
         self._progress: Progress | None = None
         if self.use_bar:
@@ -283,11 +283,12 @@ class ProgressDisplay:
             )
             self._task = self._progress.add_task("train", total=total_steps, summary="")
 
-    def start(self, done_steps: int = 0) -> None:
+    def start(self, done_steps: int = 0, spent_s: float = 0.0) -> None:
         """Start the clock (and the live bar): the ETA counts from the first step, not from model loading.
-        done_steps: steps a resumed run already has."""
+        done_steps: steps a resumed run already has; spent_s: the part of the time budget they used."""
         self._start = time.perf_counter()
         self._done_before = done_steps
+        self._spent_before = spent_s
         if self._progress is not None:
             self._progress.update(self._task, completed=done_steps)
             self._progress.start()
@@ -304,7 +305,7 @@ class ProgressDisplay:
             elapsed = time.perf_counter() - self._start
             eta = elapsed / max(step - self._done_before, 1) * (self.total - step)
             if self.budget_s is not None:
-                eta = min(eta, max(self.budget_s - elapsed, 0.0))
+                eta = min(eta, max(self.budget_s - self._spent_before - elapsed, 0.0))
             self.console.print(
                 f"step {step}/{self.total}  {line}  [{elapsed:.0f}s elapsed, eta {eta:.0f}s]", soft_wrap=True
             )

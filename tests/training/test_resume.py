@@ -257,3 +257,6 @@ def test_a_time_budget_ends_the_run_as_max_steps_would(tiny_model_dir, tmp_path)
     assert json.loads((run / "eval.json").read_text())["after"]["step"] == 1
     state = torch.load(run / "checkpoints" / "step-000001" / "trainer_state.pt", weights_only=False)
     assert state["trainer_state"]["train_seconds"] > 0  # a resumed run spends what is left, not it all again
+    # resumed with the same budget: it is spent, so no step runs past it
+    again = train(resume_config(tiny_model_dir, tmp_path, "budget", "train.max_minutes=1e-6", "resume=auto"))
+    assert [m["step"] for m in metrics(again) if "loss" in m] == [1]

@@ -119,6 +119,11 @@ def encode_after(tokenizer, text: str, previous_id: int) -> list[int]:
     return list(tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
+def _after_stop(closing: str, stop_text: str) -> str:
+    """The template's closing of a reply past the model's own stop token (which the sampler already holds)."""
+    return closing[len(stop_text) :] if stop_text and closing.startswith(stop_text) else closing
+
+
 class Conversation:
     """One episode's chat messages and the text rendered so far, which always ends with the generation
     prompt of the model's next turn."""
@@ -164,7 +169,7 @@ class Conversation:
             raise ChatTemplateError(
                 f"cannot find where the template's rendering of the reply ends ({written[-60:]!r})"
             )
-        tail = closing[len(stop_text) :] if stop_text and closing.startswith(stop_text) else closing
+        tail = _after_stop(closing, stop_text)
         messages.append({"role": "user", "content": observation})
         after = render(self.tokenizer, messages, True, self.template_kwargs)
         if not after.startswith(with_reply):
@@ -187,6 +192,5 @@ class Conversation:
             )
         closing = after[len(self.rendered) + len(answer) :]
         stop_text = self.tokenizer.decode([stop_id], skip_special_tokens=False)
-        tail = closing[len(stop_text) :] if stop_text and closing.startswith(stop_text) else closing
         self.messages, self.rendered = messages, after
-        return encode_after(self.tokenizer, tail, stop_id)
+        return encode_after(self.tokenizer, _after_stop(closing, stop_text), stop_id)

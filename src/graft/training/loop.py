@@ -245,12 +245,15 @@ class Bookkeeping:
         )
         setup.ranks.barrier()
 
+    def budget_spent(self) -> bool:
+        """train.max_minutes spent on steps, this run's and those before a resume."""
+        budget = self.cfg.train.max_minutes
+        return budget is not None and self.train_seconds >= 60 * budget
+
     def is_last_step(self, step: int, seconds: float) -> bool:
         """max_steps reached, or train.max_minutes spent on steps (every rank agrees)."""
         self.train_seconds += seconds
-        budget = self.cfg.train.max_minutes
-        out_of_time = budget is not None and self.train_seconds >= 60 * budget
-        return self.setup.ranks.any(step == self.cfg.train.max_steps or out_of_time)
+        return self.setup.ranks.any(step == self.cfg.train.max_steps or self.budget_spent())
 
     def after_step(self, step: int, batch: ScoredBatch, metrics: dict, stopping: bool, last: bool) -> None:
         """Health alarms, completions log, the non-finite rule, periodic evaluation and checkpoint, the
@@ -389,10 +392,17 @@ def train(cfg: Config, console=None, stop_after: int | None = None) -> Path:
                     display.print(f"held-out accuracy before training: {accuracy:.3f}")
                     books.tracker.write({"step": 0, "eval/accuracy": accuracy})
                 ranks.barrier()
-        display.start(books.first_step - 1)
+        display.start(books.first_step - 1, spent_s=books.train_seconds)
         step = books.first_step - 1
+        steps = range(books.first_step, cfg.train.max_steps + 1)
+        if books.budget_spent():  # a resumed run that had ended on its time budget: no step past it
+            display.print(
+                f"[yellow]train.max_minutes={cfg.train.max_minutes:g} is already spent[/yellow] by the "
+                f"{step} steps done; raise it to train further"
+            )
+            steps = range(0)
         with StopRequest(cfg.train.stop_timeout) as stop:
-            for step in range(books.first_step, cfg.train.max_steps + 1):
+            for step in steps:
                 batch, metrics = grpo_step(setup, books.order.next_problems)
                 stop.step_done()
                 stopping = ranks.any(stop.requested or step == stop_after)  # every rank stops together
