@@ -111,8 +111,7 @@ def worker_trl(args: argparse.Namespace, seed: int) -> dict:
         adam_beta1=t.adam_betas[0],
         adam_beta2=t.adam_betas[1],
     )
-    settings.update({k: json.loads(v) if v[:1] in "0123456789-[{tf" else v for k, v in
-                     (item.split("=", 1) for item in args.trl_set)})  # fmt: skip
+    settings.update(trl_settings(args.trl_set))
     points: list[tuple[float, float]] = []
     state = {"clock": 0.0, "steps": 0, "step_s": []}
 
@@ -158,6 +157,21 @@ def worker_trl(args: argparse.Namespace, seed: int) -> dict:
     trainer.train()
     return {"points": sorted(points), "steps": state["steps"], "step_s": statistics.median(state["step_s"]),
             "settings": settings}  # fmt: skip
+
+
+def trl_settings(items: list[str]) -> dict:
+    """--trl-set key=value pairs: a value that reads as JSON (numbers, true, null, lists) is that, any other
+    text is the string itself (report_to=tensorboard, lr_scheduler_type=cosine)."""
+    settings = {}
+    for item in items:
+        key, sep, text = item.partition("=")
+        if not sep or not key:
+            raise SystemExit(f"--trl-set {item!r}: write key=value, e.g. learning_rate=1e-4")
+        try:
+            settings[key] = json.loads(text)
+        except json.JSONDecodeError:
+            settings[key] = text
+    return settings
 
 
 # ------------------------------------------------------------------------------------------- summary

@@ -3,6 +3,8 @@
 import importlib.util
 from pathlib import Path
 
+import pytest
+
 spec = importlib.util.spec_from_file_location(
     "learning", Path(__file__).resolve().parent.parent / "benchmarks" / "learning.py"
 )
@@ -47,3 +49,11 @@ def test_plot_writes_a_png(tmp_path):
     runs = [{"framework": "graft", "seed": s, "points": GRAFT, "steps": 1, "step_s": 1.0} for s in (1, 2)]
     learning.plot(runs, 10, tmp_path / "c.png")
     assert (tmp_path / "c.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_trl_settings_read_json_values_and_keep_other_text():
+    settings = learning.trl_settings(["learning_rate=1e-4", "report_to=tensorboard", "bf16=true", "top_k=-1"])
+    assert settings == {"learning_rate": 1e-4, "report_to": "tensorboard", "bf16": True, "top_k": -1}
+    assert learning.trl_settings(["lr_scheduler_type=cosine"]) == {"lr_scheduler_type": "cosine"}
+    with pytest.raises(SystemExit, match="write key=value"):
+        learning.trl_settings(["learning_rate"])

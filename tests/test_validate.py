@@ -119,3 +119,14 @@ def test_decoder_copy_counts_only_what_outlives_the_rollout(tmp_path):
     # the mixed-precision replay (bf16 sampling + bf16 autocast) records in bf16: half the bytes
     mixed = parts("generation.dtype=bfloat16", "train.autocast=bfloat16")
     assert mixed["activations"] == replayed["activations"] // 2
+
+
+def test_a_decaying_schedule_under_a_time_budget_says_it_follows_max_steps(tmp_path):
+    def notes(*overrides):
+        cfg = load_config(None, [f"logging.output_dir={tmp_path}", "train.max_minutes=10", *overrides])
+        return " ".join(validate_or_raise(cfg).notes)
+
+    assert "decays over train.max_steps=1000 steps, not over train.max_minutes" in notes(
+        "train.lr_scheduler=cosine", "train.max_steps=1000"
+    )
+    assert "train.lr_scheduler" not in notes("train.lr_scheduler=constant")

@@ -295,6 +295,13 @@ def _check(cfg: Config, estimate: bool = True, world: int = 1) -> Checked:
 
     problems: list[str] = data_parallel_problems(cfg, world) + fsdp_problems(cfg, world)
     notes: list[str] = []
+    if cfg.train.max_minutes is not None and cfg.train.lr_scheduler != "constant":
+        notes.append(
+            f"train.lr_scheduler={cfg.train.lr_scheduler} decays over train.max_steps="
+            f"{cfg.train.max_steps} steps, not over train.max_minutes: if fewer steps fit the time budget, "
+            "the run ends before the learning rate has come down; set train.max_steps to about the steps "
+            "that fit (a run's step time is in its metrics.jsonl, time/step)"
+        )
     task, rewards = None, {}
     try:
         task = build_task(cfg.task)
