@@ -1,13 +1,14 @@
 """Learning curves at equal wall-clock: graft vs TRL's GRPOTrainer on the same recipe, model and machine.
 
 Each framework trains the recipe (default: the demo, configs/arithmetic.yaml) for the same budget of
-training time, per seed, in its own subprocess. Both are evaluated by the same code (graft's greedy
+training time, per seed, in its own subprocess; a run also ends at the recipe's train.max_steps, over which
+both take the recipe's learning-rate schedule. Both are evaluated by the same code (graft's greedy
 `evaluate` with the recipe's correctness reward) on the same held-out problems every few steps; the clock
 stops while they are evaluated, and model loading is not counted. Accuracy at a wall-clock mark is that of
 the last evaluation at or before it. Writes curves.json, table.md and curves.png to --out.
 
     pip install -e '.[bench]'
-    python benchmarks/learning.py                                  # 3 seeds x 10 min each (~75 min)
+    python benchmarks/learning.py                                  # 3 seeds x 10 min each (~70 min)
     python benchmarks/learning.py --minutes 2 --seeds 1            # a quick look
     python benchmarks/learning.py --trl-set learning_rate=1e-4     # TRL with other settings
 """
@@ -34,7 +35,6 @@ def recipe(args: argparse.Namespace, seed: int, out_dir: str | None = None):
     if out_dir is not None:
         overrides += [
             f"train.max_minutes={args.minutes}",
-            "train.max_steps=100000",  # the budget ends the run
             f"eval.every_n_steps={args.graft_eval_every}",
             "eval.at_start=true",
             "eval.num_samples=0",
@@ -106,7 +106,9 @@ def worker_trl(args: argparse.Namespace, seed: int) -> dict:
         scale_rewards=g.scale_rewards,
         learning_rate=t.learning_rate,
         warmup_steps=t.warmup_steps,
-        lr_scheduler_type="constant_with_warmup",
+        # the recipe's schedule over the recipe's steps (the budget may end a run before its last)
+        lr_scheduler_type="cosine" if t.lr_scheduler == "cosine" else "constant_with_warmup",
+        max_steps=t.max_steps,
         max_grad_norm=t.max_grad_norm,
         adam_beta1=t.adam_betas[0],
         adam_beta2=t.adam_betas[1],
@@ -142,7 +144,7 @@ def worker_trl(args: argparse.Namespace, seed: int) -> dict:
         model=AutoModelForCausalLM.from_pretrained(path, dtype="float32"),
         reward_funcs=reward,
         args=GRPOConfig(
-            output_dir=tempfile.mkdtemp(), max_steps=100000, logging_steps=10, save_strategy="no",
+            output_dir=tempfile.mkdtemp(), logging_steps=10, save_strategy="no",
             report_to="none", use_cpu=True, seed=seed, dataloader_num_workers=0, **settings,
         ),
         train_dataset=Dataset.from_list(rows),

@@ -92,7 +92,7 @@ def test_sections_merge_over_the_recipe_with_their_types():
         "*",
     ]
     assert cfg.logging.run_name == "true" and cfg.logging.output_dir == "out/x"
-    assert cfg.train.max_steps == recipe.train.max_steps == 30 and cfg.task.num_eval == 64  # from the file
+    assert cfg.train.max_steps == recipe.train.max_steps == 150 and cfg.task.num_eval == 64  # from the file
     assert cfg.eval == recipe.eval
 
     base = load_config(RECIPE, ["train.max_steps=5"])
