@@ -4,6 +4,7 @@ trains on). A leaf module: the sampler, the fast path, the loop and the records 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -58,6 +59,9 @@ class ScoredBatch:
     metrics: dict[str, float] = field(
         default_factory=dict
     )  # what the rollout measured (episodes: turns, failures)
+    # every group drawn in the step (dynamic sampling's dropped ones too) with whether all its completions
+    # were fully right: what prompt selection (train.skip_solved) learns difficulty from
+    solved: list[tuple[Any, bool]] = field(default_factory=list)
 
 
 def group_rows(groups: list[int], group_size: int) -> torch.Tensor:

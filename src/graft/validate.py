@@ -238,6 +238,11 @@ def data_parallel_problems(cfg: Config, world: int) -> list[str]:
             "'grpo.dynamic_sampling': not supported with several processes yet (each would draw its own "
             "extra prompts); set it to false or run one process"
         )
+    if cfg.train.skip_solved:
+        problems.append(
+            "'train.skip_solved': not supported with several processes yet (each would rest only the "
+            "problems of its own groups); set it to 0 or run one process"
+        )
     if cfg.sft.enabled:
         problems.append(
             "'sft.enabled': the warm-up runs in one process; run `graft sft` first, then train with "

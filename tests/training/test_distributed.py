@@ -195,7 +195,11 @@ def test_two_processes_train_resume_after_ctrl_c_and_end_like_a_straight_run(tin
 def test_data_parallel_settings_that_cannot_split_are_refused_before_loading(tiny_model_dir):
     from graft.validate import data_parallel_problems
 
-    cfg = load_config(None, ["train.prompts_per_step=3", "grpo.dynamic_sampling=true", "sft.enabled=true"])
+    cfg = load_config(
+        None,
+        ["train.prompts_per_step=3", "grpo.dynamic_sampling=true", "sft.enabled=true", "train.skip_solved=2"],
+    )
     problems = " ".join(data_parallel_problems(cfg, 2))
     assert "multiple of 2" in problems and "dynamic_sampling" in problems and "graft sft" in problems
+    assert "'train.skip_solved'" in problems
     assert data_parallel_problems(cfg, 1) == []

@@ -352,6 +352,13 @@ class TrainConfig(_Section):
         description="completions per forward/backward (gradient accumulation); at least the batch lets the "
         "update replay the rollout's forward (train.replay)",
     )
+    skip_solved: int = Field(
+        0,
+        ge=0,
+        description="prompt selection by difficulty: a problem whose group scored full marks this many "
+        "times in a row rests for train.revisit_after epochs; 0 = every problem every epoch",
+    )
+    revisit_after: int = Field(1, ge=1, description="train.skip_solved: epochs a solved problem rests")
     learning_rate: float = Field(2e-4, gt=0, description="peak learning rate")
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay")
     adam_betas: tuple[float, float] = Field((0.9, 0.99), description="AdamW betas")

@@ -27,6 +27,7 @@ from graft.tasks import Problem
 from graft.training.distributed import SINGLE, Ranks, full_tensor, reduce_metrics
 from graft.training.episodes import play_and_score
 from graft.training.fsdp import as_forward, full_weights
+from graft.training.order import solved_groups
 from graft.training.records import PhaseTimer, step_metrics
 from graft.training.scoring import score_rollout
 from graft.training.setup import StepSetup
@@ -92,13 +93,17 @@ def sample_and_score(setup: StepSetup, problems: list[Problem], timer: PhaseTime
     """Steps 1 and 2 for `problems`: the rollout and its rewards (advantages follow in grpo_step); whole
     episodes against the task's environment for a multi-turn task (graft.training.episodes)."""
     if setup.environment is not None:
-        return play_and_score(setup, problems, timer)
-    with timer.phase("rollout"):
-        rollout = sample_groups(setup, problems)
-    with timer.phase("reward"):
-        completions, rewards, components = score_rollout(setup, problems, rollout)
-    no_advantages = torch.zeros_like(rewards)
-    return ScoredBatch(rollout, rewards, no_advantages, None, None, completions, components, problems)
+        batch = play_and_score(setup, problems, timer)
+    else:
+        with timer.phase("rollout"):
+            rollout = sample_groups(setup, problems)
+        with timer.phase("reward"):
+            completions, rewards, components = score_rollout(setup, problems, rollout)
+        no_advantages = torch.zeros_like(rewards)
+        batch = ScoredBatch(rollout, rewards, no_advantages, None, None, completions, components, problems)
+    solved = solved_groups(batch.reward_components[setup.correctness_name], setup.cfg.grpo.num_generations)
+    batch.solved = list(zip(problems, solved.tolist(), strict=True))
+    return batch
 
 
 def keep_groups_with_signal(
@@ -128,17 +133,20 @@ def keep_groups_with_signal(
     # sampled accuracy over every completion drawn: the kept groups alone would overstate it
     correct = torch.cat([r.reward_components[setup.correctness_name] for r in rounds])
     counts["accuracy"] = (correct >= 1.0).float().mean().item()
+    solved = [group for r in rounds for group in r.solved]
     if not kept:  # no signal anywhere: the first rollout, every advantage 0 (counted, nothing learned)
         counts["sampling/groups_kept"], counts["sampling/groups_dropped"] = (
             len(first.problems),
             drawn - len(first.problems),
         )
+        first.solved = solved
         return first, counts
     if len(rounds) == 1:
         keep_groups = torch.zeros(len(first.problems), dtype=torch.bool)
         keep_groups[[g for _, g in kept]] = True
         keep = keep_groups.repeat_interleave(G)
         first.loss_rows = keep if first.loss_rows is None else keep & first.loss_rows
+        first.solved = solved
         return first, counts
     with timer.phase("rollout"):
         parts = [_select(rounds[i], [g for j, g in kept if j == i]) for i in range(len(rounds))]
@@ -166,6 +174,7 @@ def keep_groups_with_signal(
             ]
         ),
         metrics=first.metrics,
+        solved=solved,
     )
     return batch, counts
 

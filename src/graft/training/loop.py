@@ -40,8 +40,9 @@ from graft.training.episodes import evaluate_episodes
 from graft.training.fsdp import full_weights, gathered_model_state, gathered_state, is_sharded, shard
 from graft.training.gate import GateError, run_gate
 from graft.training.grpo import grpo_step
+from graft.training.order import PromptOrder
 from graft.training.records import completion_rows
-from graft.training.run import PromptOrder, RunDir, StopRequest, build_optimizer, setup_process
+from graft.training.run import RunDir, StopRequest, build_optimizer, setup_process
 from graft.training.setup import StepSetup
 from graft.training.sft import warm_start
 from graft.validate import Checked, validate_or_raise
@@ -162,7 +163,8 @@ class Bookkeeping:
         self, cfg: Config, setup: StepSetup, run: RunDir, display: ProgressDisplay, state: dict | None
     ):
         self.cfg, self.setup, self.run, self.display = cfg, setup, run, display
-        self.order = PromptOrder(setup.task, cfg.train.seed)
+        t = cfg.train
+        self.order = PromptOrder(setup.task, t.seed, t.skip_solved, t.revisit_after)
         self.health = HealthMonitor(cfg.health)
         self.nonfinite_streak, self.eval_history, self.first_step = 0, {}, 1
         self.train_seconds = 0.0  # the steps' time, for train.max_minutes (kept across a resume)
@@ -256,9 +258,11 @@ class Bookkeeping:
         return self.setup.ranks.any(step == self.cfg.train.max_steps or self.budget_spent())
 
     def after_step(self, step: int, batch: ScoredBatch, metrics: dict, stopping: bool, last: bool) -> None:
-        """Health alarms, completions log, the non-finite rule, periodic evaluation and checkpoint, the
-        metrics row and the progress display, in that order."""
+        """Prompt selection's record, health alarms, completions log, the non-finite rule, periodic
+        evaluation and checkpoint, the metrics row and the progress display, in that order."""
         cfg, display = self.cfg, self.display
+        self.order.record(batch.solved)
+        metrics.update(self.order.metrics())
         report_reward_failures(self.setup.rewards, display)
         if last:  # the failure rule on the whole run, however short, before its end
             try:

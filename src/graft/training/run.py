@@ -19,7 +19,6 @@ import torch
 from rich.table import Table
 
 from graft.config import Config, TrainConfig
-from graft.tasks import Problem, Task
 from graft.training.checkpoint import checkpoint_problem, find_resumable, is_complete, list_checkpoints
 
 
@@ -256,39 +255,3 @@ def build_optimizer(params: list[torch.nn.Parameter], cfg: Config):
     name = "cosine" if t.lr_scheduler == "cosine" else "constant_with_warmup"
     scheduler = get_scheduler(name, optimizer, num_warmup_steps=t.warmup_steps, num_training_steps=total)
     return optimizer, scheduler
-
-
-class PromptOrder:
-    """Training problems in a seeded shuffled order, reshuffled every epoch; its state goes in checkpoints."""
-
-    def __init__(self, task: Task, seed: int):
-        self.task = task
-        self.seed = seed
-        self.epoch = 0
-        self.position = 0
-        self._order = self._shuffled()
-
-    def _shuffled(self) -> list[int]:
-        order = list(range(len(self.task.train)))
-        random.Random(self.seed * 1_000_003 + self.epoch).shuffle(order)
-        return order
-
-    def take(self, n: int) -> list[int]:
-        out = []
-        while len(out) < n:
-            if self.position == len(self._order):
-                self.epoch, self.position = self.epoch + 1, 0
-                self._order = self._shuffled()
-            out.append(self._order[self.position])
-            self.position += 1
-        return out
-
-    def next_problems(self, n: int) -> list[Problem]:
-        return [self.task.train[i] for i in self.take(n)]
-
-    def state(self) -> dict[str, int]:
-        return {"epoch": self.epoch, "position": self.position}
-
-    def restore(self, state: dict[str, int]) -> None:
-        self.epoch, self.position = state["epoch"], state["position"]
-        self._order = self._shuffled()
