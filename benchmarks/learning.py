@@ -55,9 +55,11 @@ def worker_graft(args: argparse.Namespace, seed: int) -> dict:
     from graft.training.loop import train
 
     quiet_libraries()
-    with tempfile.TemporaryDirectory() as out:
+    with tempfile.TemporaryDirectory() as scratch:
+        out = scratch if args.graft_runs is None else str(Path(args.graft_runs) / f"seed-{seed}")
         run = train(recipe(args, seed, out))
         rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+        after = json.loads((run / "eval.json").read_text()).get("after", {})
     clock, points, steps = 0.0, [], []
     for row in rows:  # a step's row carries its time and, on evaluation steps, the accuracy after it
         clock += row.get("time/step", 0.0)
@@ -65,7 +67,27 @@ def worker_graft(args: argparse.Namespace, seed: int) -> dict:
             steps.append(row["time/step"])
         if "eval/accuracy" in row:
             points.append((clock, row["eval/accuracy"]))
-    return {"points": points, "steps": len(steps), "step_s": statistics.median(steps)}
+    return {
+        "points": points,
+        "steps": len(steps),
+        "step_s": statistics.median(steps),
+        "train_s": sum(steps),
+        "by_kind": after.get("accuracy_by_kind", {}),
+        "alarms": alarms_raised(rows),
+    }
+
+
+def alarms_raised(rows: list[dict]) -> dict[str, int]:
+    """How often each health alarm started firing (what the console prints), from the metrics rows."""
+    counts: dict[str, int] = {}
+    before: dict[str, float] = {}
+    for row in rows:
+        for key, value in row.items():
+            if key.startswith("health/"):
+                if value and not before.get(key):
+                    counts[key.removeprefix("health/")] = counts.get(key.removeprefix("health/"), 0) + 1
+                before[key] = value
+    return counts
 
 
 def worker_trl(args: argparse.Namespace, seed: int) -> dict:
@@ -265,6 +287,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--graft-eval-every", type=int, default=20, help="graft: evaluate every N steps")
     parser.add_argument("--trl-eval-every", type=int, default=6, help="TRL: evaluate every N steps")
     parser.add_argument("--out", default="benchmarks/results/learning")
+    parser.add_argument("--graft-runs", help="keep graft's run directories here (seed-S each); default: none")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
 
@@ -290,8 +313,10 @@ def main(argv: list[str] | None = None) -> int:
                 raise SystemExit(f"{framework} seed {seed} failed")
             run = {"framework": framework, "seed": seed, **json.loads(proc.stdout.strip().splitlines()[-1])}
             runs.append(run)
+            graft_only = f", by kind {run['by_kind']}, alarms {run['alarms']}" if framework == "graft" else ""
             print(f"{framework} seed {seed}: {run['steps']} steps, final {run['points'][-1][1]:.3f} "
-                  f"({time.perf_counter() - start:.0f} s with loading and evaluation)", flush=True)  # fmt: skip
+                  f"({time.perf_counter() - start:.0f} s with loading and evaluation){graft_only}",
+                  flush=True)  # fmt: skip
             (out / "curves.json").write_text(json.dumps({"args": vars(args), "runs": runs}, indent=1))
     table = summarize(runs, args.minutes)
     (out / "table.md").write_text(table + "\n")

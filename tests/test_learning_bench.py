@@ -57,3 +57,14 @@ def test_trl_settings_read_json_values_and_keep_other_text():
     assert learning.trl_settings(["lr_scheduler_type=cosine"]) == {"lr_scheduler_type": "cosine"}
     with pytest.raises(SystemExit, match="write key=value"):
         learning.trl_settings(["learning_rate"])
+
+
+def test_alarms_count_each_time_one_starts_firing():
+    rows = [
+        {"step": 0, "eval/accuracy": 0.4},  # an evaluation row: no health keys
+        {"step": 1, "health/no_signal": 0, "health/truncation": 1},
+        {"step": 2, "health/no_signal": 1, "health/truncation": 1},  # truncation still firing: not again
+        {"step": 3, "health/no_signal": 0, "health/truncation": 0},
+        {"step": 4, "health/no_signal": 1, "health/truncation": 0},
+    ]
+    assert learning.alarms_raised(rows) == {"truncation": 1, "no_signal": 2}
