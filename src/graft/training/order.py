@@ -24,6 +24,8 @@ def next_streak(streak: int, solved: bool) -> int:
 
 
 class PromptOrder:
+    """The training problems in a seeded order, reshuffled each epoch, less those resting (skip_solved)."""
+
     def __init__(self, task: Task, seed: int, skip_solved: int = 0, revisit_after: int = 1):
         self.task, self.seed = task, seed
         self.skip_solved, self.revisit_after = skip_solved, revisit_after
