@@ -45,19 +45,20 @@ def lora_grads(model) -> dict[str, torch.Tensor]:
     return {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
 
 
-@pytest.mark.parametrize("loss_type", ["dapo", "grpo"])
+@pytest.mark.parametrize("loss_type, entropy_coef", [("dapo", 0.0), ("grpo", 0.0), ("dapo", 0.3)])
 @pytest.mark.parametrize("temperature", [1.0, 0.7])
 @pytest.mark.parametrize("arch", list(MODELS))
-def test_replayed_backward_gives_the_two_pass_loss_and_gradients(arch, temperature, loss_type):
+def test_replayed_backward_gives_the_two_pass_loss_and_gradients(arch, temperature, loss_type, entropy_coef):
     model = adapted(MODELS[arch]())
     r, recording = recorded_rollout(model, temperature)
     lengths = r.completion_lengths
     assert lengths.min() < lengths.max() == r.completion_ids.shape[1]  # rows left the batch mid-rollout
     advantages = torch.linspace(-1.5, 1.0, len(lengths))
 
-    def loss_fn(logprobs):
+    def loss_fn(logprobs):  # with entropy_coef, the entropy bonus against the sampler's logged entropy
         return algo.policy_loss(logprobs, logprobs.detach(), advantages, r.completion_mask, loss_type=loss_type,
-                                num_sequences=len(lengths), num_tokens=int(lengths.sum()), max_completion_length=9)  # fmt: skip
+                                num_sequences=len(lengths), num_tokens=int(lengths.sum()), max_completion_length=9,
+                                entropy_coef=entropy_coef, entropy_baseline=r.entropy)  # fmt: skip
 
     model.train()
     logprobs = completion_logprobs(model, r.prompt_ids, r.prompt_mask, r.completion_ids, r.completion_mask,

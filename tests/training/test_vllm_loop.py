@@ -48,7 +48,7 @@ def test_a_run_on_the_vllm_backend_syncs_before_every_rollout_and_logs_the_misma
          "generation.pack_weights=false", "train.max_steps=2", "train.prompts_per_step=2",
          "train.learning_rate=0.05", "gate.enabled=false", "eval.at_start=false", "eval.at_end=false",
          f"logging.output_dir={tmp_path}", "logging.run_name=v", "logging.progress=lines",
-         "logging.print_config=false"],
+         "logging.print_config=false", "grpo.entropy_target=100", "grpo.entropy_coef_step=0.01"],
     )  # fmt: skip
     run = loop.train(cfg)
     (engine,) = engines
@@ -62,6 +62,9 @@ def test_a_run_on_the_vllm_backend_syncs_before_every_rollout_and_logs_the_misma
         # before the first update of a step (old log-probs); a missed sync would show as a large KL
         assert row["sampler_kl"] < 1e-4 and row["sampler_abs_logp_diff"] < 1e-2
         assert row["health/sampler_mismatch"] == 0.0
+    # the engine logs no entropy: entropy control reads the sampled estimate (far below the target here)
+    assert all("entropy" not in r and r["surprisal"] > 0 for r in steps)
+    assert [r["entropy_coef"] for r in steps] == pytest.approx([0.0, 0.01])
 
 
 def test_token_weights_scale_each_tokens_surrogate_and_leave_the_kl_alone():

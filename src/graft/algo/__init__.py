@@ -2,6 +2,7 @@
 B completions in the batch, T completion positions, G completions per group."""
 
 from graft.algo.advantages import group_advantages, weighted_reinforce_advantages
+from graft.algo.entropy import adapt_entropy_coef, entropy_bonus_surrogate
 from graft.algo.importance import (
     MismatchMetrics,
     mismatch_metrics,
@@ -21,8 +22,10 @@ from graft.algo.losses import (
 __all__ = [
     "MismatchMetrics",
     "PolicyLossOutput",
+    "adapt_entropy_coef",
     "aggregate_loss",
     "clipped_surrogate",
+    "entropy_bonus_surrogate",
     "group_advantages",
     "importance_log_ratio",
     "k3_kl",

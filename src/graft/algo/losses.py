@@ -7,6 +7,8 @@ from typing import Literal
 
 import torch
 
+from graft.algo.entropy import entropy_bonus_surrogate
+
 LossType = Literal["grpo", "bnpo", "dr_grpo", "dapo"]
 ImportanceLevel = Literal["token", "sequence"]
 
@@ -128,11 +130,22 @@ def policy_loss(
     beta: float = 0.0,
     ref_logprobs: torch.Tensor | None = None,  # (B, T), required when beta > 0
     token_weights: torch.Tensor | None = None,  # (B, T) constant weight of each token's surrogate (TIS)
+    entropy_coef: float = 0.0,
+    entropy_baseline: torch.Tensor | None = None,  # (B, T) the sampler's entropy per token; None: the mean
 ) -> PolicyLossOutput:
-    """The whole GRPO objective for one micro-batch."""
+    """The whole GRPO objective for one micro-batch. entropy_coef > 0 adds an entropy bonus (graft.algo.
+    entropy): the sampled tokens' surprisal under the old policy against `entropy_baseline`, or against
+    their masked mean where the sampler logged no entropy."""
     log_ratio = importance_log_ratio(logprobs, old_logprobs, mask, importance_sampling_level)
     per_token_loss, is_clipped = clipped_surrogate(log_ratio, advantages, epsilon, epsilon_high, delta)
     per_token_loss = per_token_loss.expand_as(logprobs)
+    if entropy_coef > 0:
+        surprisal = -old_logprobs.detach()
+        baseline = masked_mean(surprisal, mask) if entropy_baseline is None else entropy_baseline
+        token_log_ratio = logprobs - old_logprobs.detach()  # per token even under sequence-level ratios
+        per_token_loss = per_token_loss + entropy_coef * entropy_bonus_surrogate(
+            token_log_ratio, surprisal, baseline
+        )
     if token_weights is not None:  # the policy-gradient term only: the KL below is not a sampled estimate
         per_token_loss = per_token_loss * token_weights.detach()
     is_clipped = is_clipped.expand_as(logprobs)

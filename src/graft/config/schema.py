@@ -263,6 +263,24 @@ class GrpoConfig(_Section):
     max_sampling_rounds: int = Field(
         3, ge=1, description="dynamic sampling: rollouts per step at most (the first included)"
     )
+    entropy_coef: float = Field(
+        0.0,
+        ge=0,
+        description="weight of an entropy bonus on the sampled tokens (graft.algo.entropy); with "
+        "entropy_target, its starting value",
+    )
+    entropy_target: float | None = Field(
+        None,
+        gt=0,
+        description="adaptive entropy control: mean token entropy (nats, at the sampling temperature) to "
+        "hold; the bonus's weight rises by entropy_coef_step a step below it, falls back above it",
+    )
+    entropy_coef_step: float = Field(
+        0.005, gt=0, description="entropy_target: change of the entropy bonus's weight per step"
+    )
+    entropy_coef_max: float = Field(
+        0.1, gt=0, description="entropy_target: the entropy bonus's weight at most"
+    )
     tis_cap: float | None = Field(
         2.0,
         ge=1,
@@ -276,6 +294,11 @@ class GrpoConfig(_Section):
             raise ValueError(
                 "dynamic_sampling drops the groups whose rewards agree, and those are what advantage="
                 "w_reinforce learns from (it has no group baseline); use one of the two"
+            )
+        if self.entropy_target is not None and self.entropy_coef > self.entropy_coef_max:
+            raise ValueError(
+                f"entropy_coef={self.entropy_coef} is above entropy_coef_max={self.entropy_coef_max}; "
+                "raise entropy_coef_max or lower entropy_coef"
             )
         return self
 

@@ -45,9 +45,11 @@ def grpo_step(setup: StepSetup, draw_problems: Callable[[int], list[Problem]]) -
     4. advantages: each total against its group's mean (scaled per grpo.scale_rewards), or W-REINFORCE's
        weights without a baseline (grpo.advantage);
     5. frozen log-probs: the old policy's when the batch outlives an update, the reference's when beta > 0;
-    6. update: num_iterations x num_minibatches optimizer steps on the clipped policy loss.
+    6. update: num_iterations x num_minibatches optimizer steps on the clipped policy loss (plus the
+       entropy bonus, grpo.entropy_coef);
+    7. entropy control (grpo.entropy_target): the bonus's weight for the next step, from this one's entropy.
     """
-    cfg, timer, ranks = setup.cfg, PhaseTimer(), setup.ranks
+    cfg, timer, ranks, entropy = setup.cfg, PhaseTimer(), setup.ranks, setup.entropy_control
     # every rank draws the step's problems; each keeps its share (one process: all of them)
     batch = sample_and_score(setup, ranks.share(draw_problems(cfg.train.prompts_per_step)), timer)
     sampling = {}
@@ -73,6 +75,7 @@ def grpo_step(setup: StepSetup, draw_problems: Callable[[int], list[Problem]]) -
             setup.params,
             setup.fast_path,
             ranks,
+            entropy_coef=entropy.coef,
         )
         setup.backend.sync_weights(setup.policy)  # the next rollout samples the updated policy
     metrics = {
@@ -86,7 +89,10 @@ def grpo_step(setup: StepSetup, draw_problems: Callable[[int], list[Problem]]) -
     correct = batch.reward_components[setup.correctness_name]
     metrics.setdefault("accuracy", (correct >= 1.0).float().mean().item())
     metrics["tokens_per_s"] = int(batch.rollout.completion_mask.sum()) / metrics["time/step"]
-    return batch, reduce_metrics(ranks, metrics)
+    metrics = reduce_metrics(ranks, metrics)
+    metrics["entropy_coef"] = entropy.coef  # the weight this step's update used
+    entropy.after_step(metrics)  # step 7
+    return batch, metrics
 
 
 def sample_and_score(setup: StepSetup, problems: list[Problem], timer: PhaseTimer) -> ScoredBatch:
@@ -366,6 +372,7 @@ def grpo_loss(
     minibatch_size: int,  # sequences in the minibatch the gradient is normalised over
     num_tokens: int,  # completion tokens in that minibatch
     cfg: Config,
+    entropy_coef: float = 0.0,
 ) -> algo.PolicyLossOutput:
     """The clipped policy loss of rows `rows` (graft.algo.policy_loss) with the batch's advantages, old and
     reference log-probs; normalised over the whole minibatch so micro-batch gradients add up to it."""
@@ -394,6 +401,10 @@ def grpo_loss(
         beta=cfg.grpo.beta,
         ref_logprobs=ref,
         token_weights=weights,
+        entropy_coef=entropy_coef,
+        entropy_baseline=None
+        if batch.rollout.entropy is None
+        else batch.rollout.entropy[rows, :T].to(device),
     )
     out.sampler_metrics = mismatch
     return out
@@ -407,6 +418,7 @@ def minibatch_backward(
     device,
     fast_path: FastPath | None = None,
     ranks: Ranks = SINGLE,
+    entropy_coef: float = 0.0,
 ) -> tuple[list[algo.PolicyLossOutput], bool]:
     """Accumulate into .grad the gradient of the loss over rows `minibatch`; (the loss of each piece,
     whether it was replayed). The fast path replays the rollout's forward when it recorded one for this
@@ -421,7 +433,7 @@ def minibatch_backward(
 
     def loss(logprobs: torch.Tensor, rows: torch.Tensor, mask: torch.Tensor) -> algo.PolicyLossOutput:
         mask = mask * counted[rows, None].to(mask.device, mask.dtype)  # rows left out by dynamic sampling
-        return grpo_loss(logprobs, batch, rows, mask, num_sequences, num_tokens, cfg)
+        return grpo_loss(logprobs, batch, rows, mask, num_sequences, num_tokens, cfg, entropy_coef)
 
     num_sequences = max(int(ranks.sum(int(counted[minibatch].sum()))), 1)
     num_tokens = int(ranks.sum(int(rollout.trained_mask[minibatch][counted[minibatch]].sum())))
@@ -448,6 +460,7 @@ def update_policy(
     params,
     fast_path: FastPath | None = None,
     ranks: Ranks = SINGLE,
+    entropy_coef: float = 0.0,
 ) -> dict:
     """num_iterations passes over the batch, each split into num_minibatches optimizer steps, each made of
     micro-batches whose gradients accumulate (loss normalisers count the whole minibatch, see algo). A
@@ -461,7 +474,9 @@ def update_policy(
     for _ in range(cfg.grpo.num_iterations):
         for minibatch in torch.arange(batch_size).split(batch_size // cfg.grpo.num_minibatches):
             optimizer.zero_grad(set_to_none=True)
-            outs, replayed_now = minibatch_backward(policy, batch, minibatch, cfg, device, fast_path, ranks)
+            outs, replayed_now = minibatch_backward(
+                policy, batch, minibatch, cfg, device, fast_path, ranks, entropy_coef
+            )
             replayed = replayed or replayed_now
             # statistics stay on the device until the end: .item() per micro-batch would stall a GPU
             step_loss = torch.stack([out.loss.detach() for out in outs]).sum()

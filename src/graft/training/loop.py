@@ -178,6 +178,8 @@ class Bookkeeping:
             }
             if "health" in trainer_state:
                 self.health.restore(trainer_state["health"])
+            if "entropy_control" in trainer_state:
+                setup.entropy_control.restore(trainer_state["entropy_control"])
         # on resume, records after the checkpoint are redone; a fresh start in an old folder drops them all
         keep_until = self.first_step - 1 if state else -1
         self.tracker = Tracker(run.path, cfg, keep_until_step=keep_until) if setup.ranks.main else NoTracker()
@@ -216,6 +218,7 @@ class Bookkeeping:
             "nonfinite_streak": self.nonfinite_streak,
             "train_seconds": self.train_seconds,
             "health": self.health.state(),
+            "entropy_control": setup.entropy_control.state(),
             "config": self.cfg.model_dump(mode="json"),
         }
         if setup.ranks.world > 1:  # each rank's random state is its own

@@ -24,6 +24,9 @@ def step_metrics(batch: ScoredBatch, zero_variance: torch.Tensor) -> dict:
         metrics[f"reward/{name}/mean"] = values.nanmean().item()
     if rollout.entropy is not None:
         metrics["entropy"] = (rollout.entropy.sum() / rollout.completion_mask.sum().clamp(min=1)).item()
+    else:  # an engine that logs no entropy (vLLM): its sampled estimate, the sampled tokens' mean surprisal
+        trained = rollout.trained_mask
+        metrics["surprisal"] = (-(rollout.logprobs * trained).sum() / trained.sum().clamp(min=1)).item()
     metrics.update(
         {
             "completion_length/mean": lengths.mean().item(),

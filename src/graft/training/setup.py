@@ -15,6 +15,7 @@ from graft.rewards.runtime import RewardRuntime
 from graft.rollout.backends import RolloutBackend
 from graft.tasks import Task
 from graft.training.distributed import SINGLE, Ranks
+from graft.training.entropy_control import EntropyControl
 
 
 @dataclass
@@ -41,3 +42,9 @@ class StepSetup:
     ranks: Ranks = SINGLE  # data-parallel processes (graft.training.distributed); one by default
     # multi-turn tasks: makes one environment per episode (graft.envs); None = single-turn completions
     environment: Callable[[], Environment] | None = None
+    # the entropy bonus's weight, adapted step by step (grpo.entropy_target); made from cfg when not given
+    entropy_control: EntropyControl | None = None
+
+    def __post_init__(self):
+        if self.entropy_control is None:
+            self.entropy_control = EntropyControl(self.cfg.grpo)

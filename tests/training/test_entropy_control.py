@@ -1,0 +1,51 @@
+"""Entropy control in the loop: the bonus's weight follows the target step by step, is logged, and resumes
+exactly; a bonus keeps the sampling policy's entropy up where plain GRPO lets it fall."""
+
+import json
+
+import pytest
+from safetensors.torch import load_file
+
+from graft.rewards import builtin
+from graft.training.loop import TrainingInterrupted, train
+from tests.training.test_resume import TIMING, digit_share, resume_config
+
+
+@pytest.fixture(autouse=True)
+def _digit_reward(monkeypatch):
+    monkeypatch.setitem(builtin.BUILTIN_REWARDS, "digit_share", digit_share)
+
+
+def rows(run_dir) -> list[dict]:
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    return [{k: v for k, v in json.loads(line).items() if k not in TIMING} for line in lines]
+
+
+def step_rows(run_dir) -> list[dict]:
+    return [r for r in rows(run_dir) if "entropy_coef" in r]
+
+
+CONTROL = ("grpo.entropy_target=100", "grpo.entropy_coef_step=0.01", "grpo.entropy_coef_max=0.03")
+
+
+def test_the_weight_rises_below_the_target_up_to_its_maximum(tiny_model_dir, tmp_path):
+    run = train(resume_config(tiny_model_dir, tmp_path, "control", *CONTROL))
+    steps = step_rows(run)
+    assert all(r["entropy"] < 100 for r in steps)  # always below the target: up by a step each time
+    assert [r["entropy_coef"] for r in steps] == pytest.approx([0.0, 0.01, 0.02, 0.03, 0.03, 0.03, 0.03, 0.03])
+
+
+def test_the_weight_falls_back_above_the_target(tiny_model_dir, tmp_path):
+    run = train(resume_config(tiny_model_dir, tmp_path, "above", "grpo.entropy_target=0.001",
+                              "grpo.entropy_coef=0.02", "grpo.entropy_coef_step=0.01"))  # fmt: skip
+    assert [r["entropy_coef"] for r in step_rows(run)] == pytest.approx([0.02, 0.01, 0, 0, 0, 0, 0, 0])
+
+
+def test_a_resumed_run_keeps_the_weight_and_ends_bit_identical(tiny_model_dir, tmp_path):
+    straight = train(resume_config(tiny_model_dir, tmp_path, "straight", *CONTROL))
+    with pytest.raises(TrainingInterrupted):
+        train(resume_config(tiny_model_dir, tmp_path, "resumed", *CONTROL), stop_after=5)
+    resumed = train(resume_config(tiny_model_dir, tmp_path, "resumed", *CONTROL, "resume=auto"))
+    assert rows(resumed) == rows(straight)
+    a, b = load_file(straight / "final/adapter_model.safetensors"), load_file(resumed / "final/adapter_model.safetensors")
+    assert a.keys() == b.keys() and all((a[k] == b[k]).all() for k in a)
