@@ -1,14 +1,15 @@
 """Entropy control in the loop: the bonus's weight follows the target step by step, is logged, and resumes
-exactly; a bonus keeps the sampling policy's entropy up where plain GRPO lets it fall."""
+exactly (the bonus's gradient itself is checked by hand in tests/algo/test_entropy.py and through the
+replayed update in tests/cpu/test_replay.py)."""
 
 import json
 
 import pytest
 from safetensors.torch import load_file
+from test_resume import TIMING, digit_share, resume_config
 
 from graft.rewards import builtin
 from graft.training.loop import TrainingInterrupted, train
-from tests.training.test_resume import TIMING, digit_share, resume_config
 
 
 @pytest.fixture(autouse=True)
@@ -32,7 +33,9 @@ def test_the_weight_rises_below_the_target_up_to_its_maximum(tiny_model_dir, tmp
     run = train(resume_config(tiny_model_dir, tmp_path, "control", *CONTROL))
     steps = step_rows(run)
     assert all(r["entropy"] < 100 for r in steps)  # always below the target: up by a step each time
-    assert [r["entropy_coef"] for r in steps] == pytest.approx([0.0, 0.01, 0.02, 0.03, 0.03, 0.03, 0.03, 0.03])
+    assert [r["entropy_coef"] for r in steps] == pytest.approx(
+        [0.0, 0.01, 0.02, 0.03, 0.03, 0.03, 0.03, 0.03]
+    )
 
 
 def test_the_weight_falls_back_above_the_target(tiny_model_dir, tmp_path):
@@ -47,5 +50,9 @@ def test_a_resumed_run_keeps_the_weight_and_ends_bit_identical(tiny_model_dir, t
         train(resume_config(tiny_model_dir, tmp_path, "resumed", *CONTROL), stop_after=5)
     resumed = train(resume_config(tiny_model_dir, tmp_path, "resumed", *CONTROL, "resume=auto"))
     assert rows(resumed) == rows(straight)
-    a, b = load_file(straight / "final/adapter_model.safetensors"), load_file(resumed / "final/adapter_model.safetensors")
+    a, b = (
+        load_file(straight / "final/adapter_model.safetensors"),
+        load_file(resumed / "final/adapter_model.safetensors"),
+    )
     assert a.keys() == b.keys() and all((a[k] == b[k]).all() for k in a)
+
