@@ -55,4 +55,3 @@ def test_a_resumed_run_keeps_the_weight_and_ends_bit_identical(tiny_model_dir, t
         load_file(resumed / "final/adapter_model.safetensors"),
     )
     assert a.keys() == b.keys() and all((a[k] == b[k]).all() for k in a)
-
