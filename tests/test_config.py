@@ -108,3 +108,10 @@ def test_w_reinforce_and_dynamic_sampling_are_refused_together():
     with pytest.raises(ConfigError, match="use one of the two"):
         load_config(None, ["grpo.advantage=w_reinforce", "grpo.dynamic_sampling=true"])
     assert load_config(None, ["grpo.advantage=w_reinforce"]).grpo.positive_weight == 0.1
+
+
+def test_an_entropy_weight_starting_above_its_maximum_names_both_keys():
+    with pytest.raises(ConfigError, match="raise entropy_coef_max or lower entropy_coef"):
+        load_config(None, ["grpo.entropy_target=0.3", "grpo.entropy_coef=0.5"])
+    fixed = load_config(None, ["grpo.entropy_coef=0.5"]).grpo  # no target: a fixed weight, no maximum
+    assert fixed.entropy_coef == 0.5 and fixed.entropy_target is None
