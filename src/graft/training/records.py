@@ -8,6 +8,7 @@ import time
 
 import torch
 
+from graft.algo.losses import masked_mean
 from graft.batch import ScoredBatch
 
 
@@ -25,8 +26,7 @@ def step_metrics(batch: ScoredBatch, zero_variance: torch.Tensor) -> dict:
     if rollout.entropy is not None:
         metrics["entropy"] = (rollout.entropy.sum() / rollout.completion_mask.sum().clamp(min=1)).item()
     else:  # an engine that logs no entropy (vLLM): its sampled estimate, the sampled tokens' mean surprisal
-        trained = rollout.trained_mask
-        metrics["surprisal"] = (-(rollout.logprobs * trained).sum() / trained.sum().clamp(min=1)).item()
+        metrics["surprisal"] = masked_mean(-rollout.logprobs, rollout.trained_mask).item()
     metrics.update(
         {
             "completion_length/mean": lengths.mean().item(),
