@@ -115,3 +115,11 @@ def test_an_entropy_weight_starting_above_its_maximum_names_both_keys():
         load_config(None, ["grpo.entropy_target=0.3", "grpo.entropy_coef=0.5"])
     fixed = load_config(None, ["grpo.entropy_coef=0.5"]).grpo  # no target: a fixed weight, no maximum
     assert fixed.entropy_coef == 0.5 and fixed.entropy_target is None
+
+
+def test_a_weight_average_needs_a_decay_below_one_and_unsharded_weights():
+    assert load_config(None, ["train.ema_decay=0.9"]).train.ema_decay == 0.9
+    with pytest.raises(ConfigError, match="ema_decay"):
+        load_config(None, ["train.ema_decay=1"])  # an average that never moves
+    with pytest.raises(ConfigError, match="set train.ema_decay=null or train.fsdp=false"):
+        load_config(None, ["train.ema_decay=0.9", "train.fsdp=true"])

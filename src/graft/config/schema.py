@@ -414,6 +414,13 @@ class TrainConfig(_Section):
     deterministic: bool = Field(
         False, description="deterministic kernels: a resumed run repeats a straight one bit for bit"
     )
+    ema_decay: float | None = Field(
+        None,
+        gt=0,
+        lt=1,
+        description="keep an exponential moving average of the trained weights with this decay per step; "
+        "evaluations and the final model use it, rollouts and updates the live weights (null = off)",
+    )
     keep_freed_memory: bool = Field(
         True,
         description="glibc: reuse freed memory instead of returning it to the OS at once (mallopt); "
@@ -433,6 +440,15 @@ class TrainConfig(_Section):
     def _check_betas(self) -> TrainConfig:
         if not all(0 <= b < 1 for b in self.adam_betas):
             raise ValueError(f"adam_betas must both be in [0, 1), got {list(self.adam_betas)}")
+        return self
+
+    @model_validator(mode="after")
+    def _check_average(self) -> TrainConfig:
+        if self.ema_decay is not None and self.fsdp:
+            raise ValueError(
+                "ema_decay is not supported with fsdp (the average would be sharded with the weights): "
+                "set train.ema_decay=null or train.fsdp=false"
+            )
         return self
 
 

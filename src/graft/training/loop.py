@@ -185,31 +185,35 @@ class Bookkeeping:
         self.tracker = Tracker(run.path, cfg, keep_until_step=keep_until) if setup.ranks.main else NoTracker()
 
     def evaluate(self, tag: str, step: int) -> float:
-        """Held-out accuracy now (greedy unless eval.* asks for samples), recorded in eval.json under `tag`."""
-        evaluation, setup = self.cfg.eval, self.setup
+        """Held-out accuracy now (greedy unless eval.* asks for samples), recorded in eval.json under `tag`.
+        With train.ema_decay the model evaluated is the weight average, as the final model will be."""
         # its own generator: pass@k sampling must not move the training sampler's random sequence
-        generator = torch.Generator(device=setup.device).manual_seed(self.cfg.train.seed + step)
-        if setup.environment is not None:  # multi-turn: greedy episodes against the task's environment
-            result = evaluate_episodes(setup, evaluation.num_prompts, evaluation.batch_size, generator)
-        else:
-            with merged_adapter(setup.policy, self.cfg.generation.merge_adapter):
-                result = evaluate(
-                    setup.policy,
-                    setup.tokenizer,
-                    setup.task,
-                    setup.correctness,
-                    max_new_tokens=evaluation.max_new_tokens or self.cfg.generation.max_new_tokens,
-                    stop_ids=setup.stop_ids,
-                    num_problems=evaluation.num_prompts,
-                    batch_size=evaluation.batch_size,
-                    num_samples_kept=evaluation.num_samples_kept,
-                    num_samples=evaluation.num_samples,
-                    temperature=evaluation.temperature,
-                    generator=generator,
-                )
+        generator = torch.Generator(device=self.setup.device).manual_seed(self.cfg.train.seed + step)
+        with self.setup.weight_average.swapped_in():
+            result = self._held_out(generator)
         self.eval_history[tag] = {"step": step, **result.to_dict()}
         self.run.write_json("eval.json", self.eval_history)
         return result.accuracy
+
+    def _held_out(self, generator: torch.Generator):
+        evaluation, setup = self.cfg.eval, self.setup
+        if setup.environment is not None:  # multi-turn: greedy episodes against the task's environment
+            return evaluate_episodes(setup, evaluation.num_prompts, evaluation.batch_size, generator)
+        with merged_adapter(setup.policy, self.cfg.generation.merge_adapter):
+            return evaluate(
+                setup.policy,
+                setup.tokenizer,
+                setup.task,
+                setup.correctness,
+                max_new_tokens=evaluation.max_new_tokens or self.cfg.generation.max_new_tokens,
+                stop_ids=setup.stop_ids,
+                num_problems=evaluation.num_prompts,
+                batch_size=evaluation.batch_size,
+                num_samples_kept=evaluation.num_samples_kept,
+                num_samples=evaluation.num_samples,
+                temperature=evaluation.temperature,
+                generator=generator,
+            )
 
     def checkpoint(self, step: int) -> None:
         setup = self.setup
@@ -219,6 +223,7 @@ class Bookkeeping:
             "train_seconds": self.train_seconds,
             "health": self.health.state(),
             "entropy_control": setup.entropy_control.state(),
+            "weight_average": setup.weight_average.state(),
             "config": self.cfg.model_dump(mode="json"),
         }
         if setup.ranks.world > 1:  # each rank's random state is its own
@@ -261,9 +266,10 @@ class Bookkeeping:
         return self.setup.ranks.any(step == self.cfg.train.max_steps or self.budget_spent())
 
     def after_step(self, step: int, batch: ScoredBatch, metrics: dict, stopping: bool, last: bool) -> None:
-        """Prompt selection's record, health alarms, completions log, the non-finite rule, periodic
-        evaluation and checkpoint, the metrics row and the progress display, in that order."""
+        """The weight average, prompt selection's record, health alarms, completions log, the non-finite
+        rule, periodic evaluation and checkpoint, the metrics row and the progress display, in that order."""
         cfg, display = self.cfg, self.display
+        self.setup.weight_average.after_step()
         self.order.record(batch.solved)
         metrics.update(self.order.metrics())
         report_reward_failures(self.setup.rewards, display)
@@ -372,6 +378,7 @@ def train(cfg: Config, console=None, stop_after: int | None = None) -> Path:
             resume_from, state, setup.policy, setup.optimizer, setup.scheduler, books.order, setup.generator,
             ranks.rank,
         )  # fmt: skip
+        setup.weight_average.restore(state["trainer_state"].get("weight_average"))
         display.print(f"resuming {run.path.name} from {resume_from.name} (step {state['step']})")
     if ranks.main:
         remove_torn_saves(run.path / "checkpoints")
@@ -423,7 +430,8 @@ def train(cfg: Config, console=None, stop_after: int | None = None) -> Path:
         final_state = gathered_model_state(setup.policy) if is_sharded(setup.policy) else None
         with full_weights(setup.policy):
             if ranks.main:
-                save_model(setup.policy, setup.tokenizer, run.path / "final", final_state)
+                with setup.weight_average.swapped_in():  # train.ema_decay: the final model is the average
+                    save_model(setup.policy, setup.tokenizer, run.path / "final", final_state)
                 if cfg.eval.at_end:
                     accuracy = books.evaluate("after", step)
                     books.tracker.write({"step": step, "eval/accuracy": accuracy})

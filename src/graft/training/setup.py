@@ -14,6 +14,7 @@ from graft.envs.base import Environment
 from graft.rewards.runtime import RewardRuntime
 from graft.rollout.backends import RolloutBackend
 from graft.tasks import Task
+from graft.training.averaging import WeightAverage
 from graft.training.distributed import SINGLE, Ranks
 from graft.training.entropy_control import EntropyControl
 
@@ -44,7 +45,11 @@ class StepSetup:
     environment: Callable[[], Environment] | None = None
     # the entropy bonus's weight, adapted step by step (grpo.entropy_target); made from cfg when not given
     entropy_control: EntropyControl | None = None
+    # train.ema_decay: the averaged weights that evaluations and the final model use; made from cfg
+    weight_average: WeightAverage | None = None
 
     def __post_init__(self):
         if self.entropy_control is None:
             self.entropy_control = EntropyControl(self.cfg.grpo)
+        if self.weight_average is None:
+            self.weight_average = WeightAverage(self.params, self.cfg.train.ema_decay)
