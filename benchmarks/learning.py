@@ -8,7 +8,7 @@ stops while they are evaluated, and model loading is not counted. Accuracy at a 
 the last evaluation at or before it. Writes curves.json, table.md and curves.png to --out.
 
     pip install -e '.[bench]'
-    python benchmarks/learning.py                                  # 3 seeds x 10 min each (~70 min)
+    python benchmarks/learning.py                                  # 3 seeds x 10 min each (~80 min)
     python benchmarks/learning.py --minutes 2 --seeds 1            # a quick look
     python benchmarks/learning.py --trl-set learning_rate=1e-4     # TRL with other settings
 """
@@ -284,7 +284,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--frameworks", default="graft,trl")
     parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
     parser.add_argument("--minutes", type=float, default=10.0, help="training time per run")
-    parser.add_argument("--graft-eval-every", type=int, default=20, help="graft: evaluate every N steps")
+    parser.add_argument(
+        "--graft-eval-every",
+        type=int,
+        default=5,
+        help="graft: evaluate every N steps (reads the time to an accuracy finely)",
+    )
     parser.add_argument("--trl-eval-every", type=int, default=6, help="TRL: evaluate every N steps")
     parser.add_argument("--out", default="benchmarks/results/learning")
     parser.add_argument("--graft-runs", help="keep graft's run directories here (seed-S each); default: none")
