@@ -5,11 +5,10 @@ replayed update in tests/cpu/test_replay.py)."""
 import json
 
 import pytest
-from safetensors.torch import load_file
-from test_resume import TIMING, digit_share, resume_config
+from test_resume import TIMING, digit_share, resume_config, same_final_weights, straight_and_resumed
 
 from graft.rewards import builtin
-from graft.training.loop import TrainingInterrupted, train
+from graft.training.loop import train
 
 
 @pytest.fixture(autouse=True)
@@ -45,13 +44,6 @@ def test_the_weight_falls_back_above_the_target(tiny_model_dir, tmp_path):
 
 
 def test_a_resumed_run_keeps_the_weight_and_ends_bit_identical(tiny_model_dir, tmp_path):
-    straight = train(resume_config(tiny_model_dir, tmp_path, "straight", *CONTROL))
-    with pytest.raises(TrainingInterrupted):
-        train(resume_config(tiny_model_dir, tmp_path, "resumed", *CONTROL), stop_after=5)
-    resumed = train(resume_config(tiny_model_dir, tmp_path, "resumed", *CONTROL, "resume=auto"))
+    straight, resumed = straight_and_resumed(tiny_model_dir, tmp_path, *CONTROL)
     assert rows(resumed) == rows(straight)
-    a, b = (
-        load_file(straight / "final/adapter_model.safetensors"),
-        load_file(resumed / "final/adapter_model.safetensors"),
-    )
-    assert a.keys() == b.keys() and all((a[k] == b[k]).all() for k in a)
+    assert same_final_weights(straight, resumed)

@@ -68,19 +68,27 @@ def final_weights(run_dir):
     return load_file(run_dir / "final" / "adapter_model.safetensors")
 
 
+def same_final_weights(run_a, run_b) -> bool:
+    a, b = final_weights(run_a), final_weights(run_b)
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def straight_and_resumed(model_dir, out_dir, *overrides, stop_after=5):
+    """The same run twice: straight through, and stopped after `stop_after` steps then resumed."""
+    straight = train(resume_config(model_dir, out_dir, "straight", *overrides))
+    with pytest.raises(TrainingInterrupted) as stopped:
+        train(resume_config(model_dir, out_dir, "resumed", *overrides), stop_after=stop_after)
+    assert stopped.value.step == stop_after
+    return straight, train(resume_config(model_dir, out_dir, "resumed", *overrides, "resume=auto"))
+
+
 @pytest.mark.parametrize("stop_after", [4, 5])  # N/2 of N = 8, and a step between checkpoints
 def test_resume_is_bit_identical_to_a_straight_run(tiny_model_dir, tmp_path, stop_after):
-    straight = train(resume_config(tiny_model_dir, tmp_path, "straight"))
-
-    with pytest.raises(TrainingInterrupted) as stopped:
-        train(resume_config(tiny_model_dir, tmp_path, "resumed"), stop_after=stop_after)
-    assert stopped.value.step == stop_after
-    resumed = train(resume_config(tiny_model_dir, tmp_path, "resumed", "resume=auto"))
+    straight, resumed = straight_and_resumed(tiny_model_dir, tmp_path, stop_after=stop_after)
 
     assert resumed == straight.parent / "resumed"
     assert metrics(resumed) == metrics(straight)
-    a, b = final_weights(straight), final_weights(resumed)
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert same_final_weights(straight, resumed)
     assert json.loads((resumed / "eval.json").read_text()).keys() == {"before", "step_3", "step_6", "after"}
 
 

@@ -7,11 +7,11 @@ import json
 import pytest
 import torch
 from safetensors.torch import load_file
-from test_resume import TIMING, digit_share, resume_config
+from test_resume import TIMING, digit_share, resume_config, same_final_weights, straight_and_resumed
 
 from graft.rewards import builtin
 from graft.training.averaging import WeightAverage
-from graft.training.loop import TrainingInterrupted, train
+from graft.training.loop import train
 
 
 def test_the_average_moves_by_one_minus_decay_toward_the_weights():
@@ -80,16 +80,8 @@ def test_the_loop_trains_the_live_weights_and_saves_the_average(tiny_model_dir, 
 
 
 def test_a_resumed_run_averages_on_and_ends_bit_identical(tiny_model_dir, tmp_path):
-    ema = ("train.ema_decay=0.6",)
-    straight = train(resume_config(tiny_model_dir, tmp_path, "straight", *ema))
-    with pytest.raises(TrainingInterrupted):
-        train(resume_config(tiny_model_dir, tmp_path, "resumed", *ema), stop_after=5)
-    resumed = train(resume_config(tiny_model_dir, tmp_path, "resumed", *ema, "resume=auto"))
+    straight, resumed = straight_and_resumed(tiny_model_dir, tmp_path, "train.ema_decay=0.6")
     assert step_rows(resumed) == step_rows(straight)
-    a, b = (
-        load_file(straight / "final/adapter_model.safetensors"),
-        load_file(resumed / "final/adapter_model.safetensors"),
-    )
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert same_final_weights(straight, resumed)
     evals = [json.loads((r / "eval.json").read_text()) for r in (straight, resumed)]
     assert evals[0]["after"]["accuracy"] == evals[1]["after"]["accuracy"]
