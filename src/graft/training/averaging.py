@@ -13,6 +13,8 @@ import torch
 
 
 class WeightAverage:
+    # over the trained parameters only: torch.optim.swa_utils.AveragedModel would deep-copy the whole
+    # model, the frozen base weights under a LoRA adapter included
     def __init__(self, params: list[torch.nn.Parameter], decay: float | None):
         self.params, self.decay = params, decay
         # None when off; otherwise one tensor per trained parameter, starting at its initial value
