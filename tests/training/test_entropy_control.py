@@ -2,10 +2,8 @@
 exactly (the bonus's gradient itself is checked by hand in tests/algo/test_entropy.py and through the
 replayed update in tests/cpu/test_replay.py)."""
 
-import json
-
 import pytest
-from test_resume import TIMING, digit_share, resume_config, same_final_weights, straight_and_resumed
+from test_resume import digit_share, metrics, resume_config, same_final_weights, straight_and_resumed
 
 from graft.rewards import builtin
 from graft.training.loop import train
@@ -16,13 +14,8 @@ def _digit_reward(monkeypatch):
     monkeypatch.setitem(builtin.BUILTIN_REWARDS, "digit_share", digit_share)
 
 
-def rows(run_dir) -> list[dict]:
-    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
-    return [{k: v for k, v in json.loads(line).items() if k not in TIMING} for line in lines]
-
-
 def step_rows(run_dir) -> list[dict]:
-    return [r for r in rows(run_dir) if "entropy_coef" in r]
+    return [r for r in metrics(run_dir) if "entropy_coef" in r]
 
 
 CONTROL = ("grpo.entropy_target=100", "grpo.entropy_coef_step=0.01", "grpo.entropy_coef_max=0.03")
@@ -45,5 +38,5 @@ def test_the_weight_falls_back_above_the_target(tiny_model_dir, tmp_path):
 
 def test_a_resumed_run_keeps_the_weight_and_ends_bit_identical(tiny_model_dir, tmp_path):
     straight, resumed = straight_and_resumed(tiny_model_dir, tmp_path, *CONTROL)
-    assert rows(resumed) == rows(straight)
+    assert metrics(resumed) == metrics(straight)
     assert same_final_weights(straight, resumed)

@@ -6,8 +6,14 @@ import json
 
 import pytest
 import torch
-from safetensors.torch import load_file
-from test_resume import TIMING, digit_share, resume_config, same_final_weights, straight_and_resumed
+from test_resume import (
+    digit_share,
+    final_weights,
+    metrics,
+    resume_config,
+    same_final_weights,
+    straight_and_resumed,
+)
 
 from graft.rewards import builtin
 from graft.training.averaging import WeightAverage
@@ -58,19 +64,15 @@ def _digit_reward(monkeypatch):
 
 
 def step_rows(run_dir) -> list[dict]:
-    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
-    rows = [json.loads(line) for line in lines]
-    return [
-        {k: v for k, v in r.items() if k not in TIMING and k != "eval/accuracy"} for r in rows if "loss" in r
-    ]
+    """The training steps' metrics, without timings or the evaluations (which read the average)."""
+    return [{k: v for k, v in r.items() if k != "eval/accuracy"} for r in metrics(run_dir) if "loss" in r]
 
 
 def test_the_loop_trains_the_live_weights_and_saves_the_average(tiny_model_dir, tmp_path):
     plain = train(resume_config(tiny_model_dir, tmp_path, "plain"))
     frozen = train(resume_config(tiny_model_dir, tmp_path, "frozen", "train.ema_decay=0.999999"))
     assert step_rows(frozen) == step_rows(plain)  # the average never feeds back into training
-    trained = load_file(plain / "final/adapter_model.safetensors")
-    averaged = load_file(frozen / "final/adapter_model.safetensors")
+    trained, averaged = final_weights(plain), final_weights(frozen)
     lora_b = [k for k in trained if "lora_B" in k]
     assert trained.keys() == averaged.keys() and lora_b
     assert all(trained[k].abs().max() > 0 for k in lora_b)
